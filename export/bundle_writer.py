@@ -1,0 +1,211 @@
+"""Write the device bundle and the server bundle for one model and one cut.
+
+device bundle: head_forward / head_vjp / tail_step / tail_forward as ONNX graphs and
+TorchScript twins, the initial prompt + tail (safetensors), the preprocessing config and
+`manifest.json` with shapes, dtypes and the sha256 of every file.
+server bundle: the frozen body and head weights, the initial prompt + tail, and its manifest.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from safetensors.torch import save_file
+from sfprompt.protocol.bundle import (
+    BATCH,
+    GraphSpec,
+    Manifest,
+    TensorSpec,
+    load_manifest,
+    write_manifest,
+)
+from sfprompt.protocol.version import PROTOCOL_VERSION
+from timm.data import resolve_data_config
+
+from . import device_graphs as dg
+from .model_loading import create_vit
+from .onnx_export import OPSET, export_onnx
+from .split_vit import PROMPT_KEY, Cut, SplitViT, init_prompt, select_tail_input
+from .torchscript_export import export_torchscript
+
+WEIGHTS_FILE = "prompt_tail.safetensors"
+
+
+@dataclass
+class ExportConfig:
+    """What `sfprompt-export bundle` builds; every flag of the command is a field here."""
+
+    model: str = "vit_tiny_patch16_224"
+    num_classes: int = 10
+    pretrained: bool = False
+    checkpoint: Path | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)  # timm overrides, e.g. img_size
+    prompts: int = 10
+    head_blocks: int = 1
+    tail_blocks: int = 0
+    batch: int = 8  # the device's planned batch; the graphs accept any batch size
+    seed: int = 0
+    out: Path = Path("bundle")
+
+    @property
+    def cut(self) -> Cut:
+        return Cut(self.head_blocks, self.tail_blocks, self.prompts)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    device_dir: Path
+    server_dir: Path
+    device: Manifest
+    server: Manifest
+
+
+def _trace_batch(tensors: list[torch.Tensor], at_least: int = 2) -> int:
+    """A batch size equal to no other dimension, so symbolic tracing cannot confuse them."""
+    taken = {d for t in tensors for d in t.shape}
+    batch = at_least
+    while batch in taken:
+        batch += 1
+    return batch
+
+
+def example_inputs(
+    split: SplitViT, prompt: torch.Tensor, params: dict[str, torch.Tensor], batch: int
+) -> dict[str, torch.Tensor]:
+    """Inputs of every device graph at batch size `batch`, from a random image."""
+    gen = torch.Generator().manual_seed(0)
+    size = split.vit.patch_embed.img_size
+    image = torch.randn(batch, 3, size[0], size[1], generator=gen)
+    h = split.head(image, prompt)
+    t = select_tail_input(h, split.tail_input, split.skip_tokens)
+    return {
+        "image": image,
+        "prompt": prompt,
+        "grad_h": torch.randn(h.shape, generator=gen),
+        "tail_input": torch.randn(t.shape, generator=gen),
+        "labels": torch.randint(0, split.vit.num_classes, (batch,), generator=gen),
+        "weight": torch.ones(batch),
+        **params,
+    }
+
+
+_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64"}
+
+
+def _specs(values: Any) -> tuple[TensorSpec, ...]:
+    specs = []
+    for v in values:
+        dims = v.type.tensor_type.shape.dim
+        shape = tuple(BATCH if d.dim_param else int(d.dim_value) for d in dims)
+        specs.append(TensorSpec(v.name, _ONNX_DTYPES[v.type.tensor_type.elem_type], shape))
+    return tuple(specs)
+
+
+def graph_spec(onnx_path: Path, torchscript: str) -> GraphSpec:
+    """Read names, dtypes and shapes straight from the written graph (the source of truth)."""
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return GraphSpec(onnx_path.name, torchscript, _specs(graph.input), _specs(graph.output))
+
+
+def _fresh_dir(path: Path) -> Path:
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def _base_manifest(cfg: ExportConfig, split: SplitViT, role: str) -> dict[str, Any]:
+    vit = split.vit
+    return dict(
+        role=role,
+        protocol_version=PROTOCOL_VERSION,
+        model=cfg.model,
+        model_args=dict(cfg.model_args),
+        num_classes=cfg.num_classes,
+        prompts=cfg.prompts,
+        head_blocks=cfg.head_blocks,
+        tail_blocks=cfg.tail_blocks,
+        depth=len(vit.blocks),
+        embed_dim=vit.embed_dim,
+        num_prefix_tokens=vit.num_prefix_tokens,
+        num_patches=vit.patch_embed.num_patches,
+        export_batch=cfg.batch,
+        opset=OPSET,
+        tail_input=split.tail_input,
+    )
+
+
+def preprocess_config(vit: torch.nn.Module) -> dict[str, Any]:
+    """timm's eval transform settings, which the device reproduces in numpy and Pillow."""
+    cfg = resolve_data_config({}, model=vit)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def export_bundle(cfg: ExportConfig, progress: Callable[[str], None] = print) -> ExportResult:
+    """Cut the model and write `<out>/device` and `<out>/server`.
+
+    Raises `ModelError` for a model or checkpoint that does not fit, ValueError for a bad cut.
+    """
+    progress(f"building {cfg.model}")
+    vit = create_vit(cfg.model, cfg.num_classes, cfg.pretrained, cfg.checkpoint, cfg.model_args)
+    split = SplitViT.cut_model(vit, cfg.cut)
+    keys = split.tail_keys()
+    prompt = init_prompt(cfg.cut, vit.embed_dim, cfg.seed)
+    tail_state = dict(split.tail.named_parameters())
+    params = {key: tail_state[name].detach().clone() for name, key in keys.items()}
+    weights = {PROMPT_KEY: prompt, **params}
+
+    out = Path(cfg.out)
+    device_dir, server_dir = _fresh_dir(out / "device"), _fresh_dir(out / "server")
+    batch = _trace_batch([*weights.values(), *split.head.state_dict().values()])
+    example = example_inputs(split, prompt, params, batch)
+    progress("writing TorchScript twins")
+    twins = export_torchscript(split, device_dir)
+    graphs = {}
+    for spec in (
+        dg.head_forward_function(split.head),
+        dg.head_vjp_function(split.head),
+        dg.tail_step_function(split.tail, keys),
+        dg.tail_forward_function(split.tail, keys),
+    ):
+        progress(f"exporting {spec.name}.onnx")
+        path = device_dir / f"{spec.name}.onnx"
+        export_onnx(spec, example, path)
+        graphs[spec.name] = graph_spec(path, twins[spec.name])
+
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(device_dir / WEIGHTS_FILE))
+    param_specs = {k: TensorSpec(k, "float32", tuple(v.shape)) for k, v in weights.items()}
+    device = Manifest(
+        **_base_manifest(cfg, split, "device"),
+        graphs=graphs,
+        weights={"initial": WEIGHTS_FILE},
+        parameters=param_specs,
+        preprocess=preprocess_config(vit),
+    )
+    write_manifest(device_dir, device)
+
+    progress("writing the server bundle")
+    save_file(
+        {k: v.contiguous() for k, v in split.body_state().items()},
+        str(server_dir / "body.safetensors"),
+    )
+    head_state = {k: v.contiguous() for k, v in split.head.state_dict().items()}
+    save_file(head_state, str(server_dir / "head.safetensors"))
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(server_dir / WEIGHTS_FILE))
+    server = Manifest(
+        **_base_manifest(cfg, split, "server"),
+        weights={"body": "body.safetensors", "head": "head.safetensors", "initial": WEIGHTS_FILE},
+        parameters=param_specs,
+        preprocess=preprocess_config(vit),
+    )
+    write_manifest(server_dir, server)
+    return ExportResult(
+        device_dir, server_dir, load_manifest(device_dir), load_manifest(server_dir)
+    )

@@ -1,0 +1,210 @@
+"""The bundle manifest: the contract between the exporter, the device and the server.
+
+The exporter writes `manifest.json` beside the files of a bundle; both sides read it with
+`load_manifest`, which checks the protocol version and the sha256 of every file before any
+graph or weight is opened, so that a corrupt or foreign bundle fails here with a message that
+names the problem rather than deep inside onnxruntime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .version import PROTOCOL_VERSION
+
+MANIFEST_NAME = "manifest.json"
+BATCH = "batch"  # the symbolic name of the dynamic batch dimension in every shape
+
+
+class BundleError(ValueError):
+    """A bundle on disk is missing, corrupt, from a newer protocol, or does not fit."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: shape entries are ints or the string `"batch"`."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def check(self, array_shape: tuple[int, ...], array_dtype: str) -> None:
+        """Raise `BundleError` if an array does not fit this spec."""
+        if str(array_dtype) != self.dtype:
+            raise BundleError(f"{self.name}: expected dtype {self.dtype}, got {array_dtype}")
+        if len(array_shape) != len(self.shape) or any(
+            want != BATCH and want != got for want, got in zip(self.shape, array_shape)
+        ):
+            raise BundleError(
+                f"{self.name}: expected shape {list(self.shape)}, got {list(array_shape)}"
+            )
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One computation the device runs, as an ONNX graph and its TorchScript twin."""
+
+    onnx: str
+    torchscript: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class TailInput:
+    """What the tail reads of the body output z, so only that crosses the network.
+
+    kind: "prefix_tokens" (the first `count` tokens: the class token, plus the distillation
+    token for distilled DeiTs), "mean_patch_tokens" (the mean of the patch tokens, as one
+    token), "all_patch_tokens" (the patch tokens, when a per-token norm precedes mean pooling)
+    or "all_tokens" (the whole sequence, when the tail holds blocks).
+    """
+
+    kind: str
+    count: int
+    shape: tuple[int | str, ...]  # (batch, tokens, dim)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a reader needs to know about a bundle without opening its files."""
+
+    role: str  # "device" or "server"
+    protocol_version: int
+    model: str
+    model_args: dict[str, Any]
+    num_classes: int
+    prompts: int
+    head_blocks: int
+    tail_blocks: int
+    depth: int
+    embed_dim: int
+    num_prefix_tokens: int
+    num_patches: int
+    export_batch: int
+    opset: int
+    tail_input: TailInput | None = None
+    graphs: dict[str, GraphSpec] = field(default_factory=dict)
+    weights: dict[str, str] = field(default_factory=dict)  # role -> file name
+    parameters: dict[str, TensorSpec] = field(default_factory=dict)  # trainable, by key
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        """Sequence length of h and z: prefix tokens + prompts + patches."""
+        return self.num_prefix_tokens + self.prompts + self.num_patches
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """Build from parsed JSON, raising `BundleError` on a missing or unknown field."""
+        data = dict(data)
+        try:
+            tail = data.pop("tail_input", None)
+            graphs = data.pop("graphs", {})
+            params = data.pop("parameters", {})
+            return cls(
+                tail_input=None if tail is None else _tail_input(tail),
+                graphs={k: _graph(v) for k, v in graphs.items()},
+                parameters={k: _spec(v) for k, v in params.items()},
+                **data,
+            )
+        except (TypeError, KeyError) as exc:
+            raise BundleError(f"manifest does not match this sfprompt version: {exc}") from exc
+
+
+def _spec(d: dict[str, Any]) -> TensorSpec:
+    return TensorSpec(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]))
+
+
+def _graph(d: dict[str, Any]) -> GraphSpec:
+    return GraphSpec(
+        onnx=d["onnx"],
+        torchscript=d["torchscript"],
+        inputs=tuple(_spec(s) for s in d["inputs"]),
+        outputs=tuple(_spec(s) for s in d["outputs"]),
+    )
+
+
+def _tail_input(d: dict[str, Any]) -> TailInput:
+    return TailInput(kind=d["kind"], count=int(d["count"]), shape=tuple(d["shape"]))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Path:
+    """Write `manifest.json`, its `files` filled with the sha256 of every other file."""
+    directory = Path(directory)
+    files = {
+        p.name: sha256_file(p)
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != MANIFEST_NAME
+    }
+    data = asdict(manifest)
+    data["files"] = files
+    path = directory / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.replace(path)
+    return path
+
+
+def load_manifest(directory: Path | str, role: str | None = None, verify: bool = True) -> Manifest:
+    """Read and check a bundle's manifest.
+
+    Raises `BundleError` when the manifest is missing or unreadable, the bundle comes from a
+    newer protocol version, the role is not the one expected, or (with `verify`) a file is
+    missing or its sha256 differs from the manifest's.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"{directory} is not a bundle: {MANIFEST_NAME} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BundleError(f"{path} must hold a JSON object")
+    version = data.get("protocol_version")
+    if not isinstance(version, int):
+        raise BundleError(f"{path}: protocol_version is missing or not an integer")
+    if version > PROTOCOL_VERSION:
+        raise BundleError(
+            f"{directory} was written for protocol version {version}, but this sfprompt "
+            f"speaks version {PROTOCOL_VERSION}: upgrade sfprompt on this machine"
+        )
+    manifest = Manifest.from_dict(data)
+    if role is not None and manifest.role != role:
+        raise BundleError(f"{directory} is a {manifest.role} bundle, expected a {role} bundle")
+    if verify:
+        verify_files(directory, manifest)
+    return manifest
+
+
+def verify_files(directory: Path, manifest: Manifest) -> None:
+    """Raise `BundleError` naming the first file that is missing or fails its checksum."""
+    for name, expected in sorted(manifest.files.items()):
+        path = Path(directory) / name
+        if not path.is_file():
+            raise BundleError(f"bundle file {name} is missing from {directory}")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise BundleError(
+                f"bundle file {name} is corrupt: sha256 {actual[:12]}... does not match the "
+                f"manifest's {expected[:12]}...; export the bundle again or copy it anew"
+            )
