@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import List  # noqa: UP035 - TorchScript reads these annotations
+from typing import List  # TorchScript reads these annotations
 
 import torch
 import torch.nn.functional as F
@@ -129,7 +129,7 @@ class HeadVJP(nn.Module):
     def forward(self, image: torch.Tensor, prompt: torch.Tensor, grad_h: torch.Tensor):
         leaf = prompt.detach().requires_grad_(True)
         h = self.head(image, leaf)
-        grad_out: List[torch.Tensor | None] = [grad_h]  # noqa: UP006
+        grad_out: List[torch.Tensor | None] = [grad_h]
         grad = torch.autograd.grad([h], [leaf], grad_out)[0]
         assert grad is not None
         return grad
@@ -154,9 +154,9 @@ class TailStep(nn.Module):
         self,
         params: List[torch.Tensor],
         t: torch.Tensor,
-        labels: torch.Tensor,  # noqa: UP006
+        labels: torch.Tensor,
         weight: torch.Tensor,
-    ) -> List[torch.Tensor]:  # noqa: UP006
+    ) -> List[torch.Tensor]:
         own = [p for p in self.params]
         with torch.no_grad():
             for p, v in zip(own, params):
@@ -181,7 +181,7 @@ class TailForward(nn.Module):
         self.tail = tail
         self.params = nn.ParameterList(list(tail.parameters()))
 
-    def forward(self, params: List[torch.Tensor], t: torch.Tensor) -> torch.Tensor:  # noqa: UP006
+    def forward(self, params: List[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             for p, v in zip([p for p in self.params], params):
                 p.copy_(v)

@@ -1,0 +1,104 @@
+"""Run a device bundle's graphs with onnxruntime and numpy: no PyTorch anywhere.
+
+Memory matters on a Raspberry Pi, so sessions are built lean: no memory-pattern planning or
+arena over-allocation, no pre-packed weight copies, one thread pool per process, and the head
+graphs are opened only when first needed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from safetensors.numpy import load_file
+from sfprompt.protocol.bundle import BundleError, GraphSpec, Manifest, load_manifest
+
+Params = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class TailStepResult:
+    loss: float
+    logits: np.ndarray  # (B, C)
+    grad_input: np.ndarray  # dL/d(tail input), (B, R, D)
+    grads: Params  # dL/d(param) by bundle key
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Options that trade a little speed for a much smaller resident set."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.enable_mem_pattern = False
+    opts.enable_cpu_mem_arena = False
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    opts.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1
+    return opts
+
+
+class OnnxDeviceRuntime:
+    """The four device computations of one bundle, checked against its manifest."""
+
+    def __init__(self, bundle: Path | str, threads: int | None = None) -> None:
+        self.directory = Path(bundle)
+        self.manifest: Manifest = load_manifest(self.directory, role="device")
+        self._options = session_options(threads)
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        missing = {"head_forward", "head_vjp", "tail_step", "tail_forward"} - set(
+            self.manifest.graphs
+        )
+        if missing:
+            raise BundleError(f"{self.directory}: manifest lists no graph for {sorted(missing)}")
+
+    def initial_parameters(self) -> Params:
+        """The exported prompt and tail, by bundle key."""
+        return load_file(str(self.directory / self.manifest.weights["initial"]))
+
+    @property
+    def tail_keys(self) -> list[str]:
+        return [k for k in self.manifest.parameters if k.startswith("tail.")]
+
+    def _session(self, name: str) -> ort.InferenceSession:
+        if name not in self._sessions:
+            path = self.directory / self.manifest.graphs[name].onnx
+            self._sessions[name] = ort.InferenceSession(
+                str(path), self._options, providers=["CPUExecutionProvider"]
+            )
+        return self._sessions[name]
+
+    def _run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        spec: GraphSpec = self.manifest.graphs[name]
+        for tensor in spec.inputs:
+            value = feeds.get(tensor.name)
+            if value is None:
+                raise BundleError(f"{name}: input {tensor.name} was not given")
+            tensor.check(value.shape, str(value.dtype))
+        return self._session(name).run(None, feeds)
+
+    def head_forward(self, image: np.ndarray, prompt: np.ndarray) -> np.ndarray:
+        """(B, 3, H, W) images and the (P, D) prompt -> h, (B, T, D)."""
+        return self._run("head_forward", {"image": image, "prompt": prompt})[0]
+
+    def head_vjp(self, image: np.ndarray, prompt: np.ndarray, grad_h: np.ndarray) -> np.ndarray:
+        """dL/dh (B, T, D) -> dL/dprompt (P, D), recomputing the head's forward pass."""
+        feeds = {"image": image, "prompt": prompt, "grad_h": grad_h}
+        return self._run("head_vjp", feeds)[0]
+
+    def tail_step(
+        self, params: Params, tail_input: np.ndarray, labels: np.ndarray, weight: np.ndarray
+    ) -> TailStepResult:
+        """Loss, logits and every gradient of the tail for one batch (weight 0 = padding)."""
+        feeds = {k: params[k] for k in self.tail_keys}
+        feeds.update(tail_input=tail_input, labels=labels, weight=weight)
+        loss, logits, grad_input, *grads = self._run("tail_step", feeds)
+        return TailStepResult(
+            float(loss), logits, grad_input, dict(zip(self.tail_keys, grads, strict=True))
+        )
+
+    def tail_forward(self, params: Params, tail_input: np.ndarray) -> np.ndarray:
+        feeds = {k: params[k] for k in self.tail_keys}
+        feeds["tail_input"] = tail_input
+        return self._run("tail_forward", feeds)[0]
