@@ -59,6 +59,7 @@ class OnnxDeviceRuntime:
 
     @property
     def tail_keys(self) -> list[str]:
+        """Tail parameter keys in the graphs' (and TorchScript twins') order."""
         return [k for k in self.manifest.parameters if k.startswith("tail.")]
 
     def _session(self, name: str) -> ort.InferenceSession:
@@ -94,9 +95,8 @@ class OnnxDeviceRuntime:
         feeds = {k: params[k] for k in self.tail_keys}
         feeds.update(tail_input=tail_input, labels=labels, weight=weight)
         loss, logits, grad_input, *grads = self._run("tail_step", feeds)
-        return TailStepResult(
-            float(loss), logits, grad_input, dict(zip(self.tail_keys, grads, strict=True))
-        )
+        names = [s.name.removeprefix("grad.") for s in self.manifest.graphs["tail_step"].outputs]
+        return TailStepResult(float(loss), logits, grad_input, dict(zip(names[3:], grads)))
 
     def tail_forward(self, params: Params, tail_input: np.ndarray) -> np.ndarray:
         feeds = {k: params[k] for k in self.tail_keys}

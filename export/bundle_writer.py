@@ -145,17 +145,27 @@ def _base_manifest(cfg: ExportConfig, split: SplitViT, role: str) -> dict[str, A
 def preprocess_config(vit: torch.nn.Module) -> dict[str, Any]:
     """timm's eval transform settings, which the device reproduces in numpy and Pillow."""
     cfg = resolve_data_config({}, model=vit)
+    # The pretrained config names the size timm's weights were trained at; the model built
+    # (e.g. with an img_size override) is what the graphs accept.
+    cfg["input_size"] = (vit.patch_embed.proj.in_channels, *vit.patch_embed.img_size)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
 
 def export_bundle(cfg: ExportConfig, progress: Callable[[str], None] = print) -> ExportResult:
-    """Cut the model and write `<out>/device` and `<out>/server`.
+    """Build the model named by `cfg`, cut it and write `<out>/device` and `<out>/server`.
 
     Raises `ModelError` for a model or checkpoint that does not fit, ValueError for a bad cut.
     """
     progress(f"building {cfg.model}")
     vit = create_vit(cfg.model, cfg.num_classes, cfg.pretrained, cfg.checkpoint, cfg.model_args)
-    split = SplitViT.cut_model(vit, cfg.cut)
+    return write_bundles(SplitViT.cut_model(vit, cfg.cut), cfg, progress)
+
+
+def write_bundles(
+    split: SplitViT, cfg: ExportConfig, progress: Callable[[str], None] = print
+) -> ExportResult:
+    """Write both bundles of an already cut model (its weights are taken as they are)."""
+    vit = split.vit
     keys = split.tail_keys()
     prompt = init_prompt(cfg.cut, vit.embed_dim, cfg.seed)
     tail_state = dict(split.tail.named_parameters())

@@ -101,7 +101,7 @@ class Manifest:
         return self.num_prefix_tokens + self.prompts + self.num_patches
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        return json.dumps(asdict(self), indent=2)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
@@ -158,7 +158,7 @@ def write_manifest(directory: Path, manifest: Manifest) -> Path:
     data["files"] = files
     path = directory / MANIFEST_NAME
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(data, indent=2))  # key order is meaningful
     tmp.replace(path)
     return path
 

@@ -1,0 +1,62 @@
+"""The device runtime (onnxruntime + numpy) reproduces PyTorch's local-loss gradients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sfprompt.edge_client.onnx_runtime import OnnxDeviceRuntime
+from sfprompt.edge_client.tail_input import scatter_grad, select
+from sfprompt.export.device_graphs import weighted_cross_entropy
+from sfprompt.export.split_vit import PROMPT_KEY, select_tail_input
+
+from tests.export.conftest import export_case
+
+
+@pytest.fixture(scope="module", params=["token_m0", "avg_m0", "avg_m1"])
+def case(request: pytest.FixtureRequest, bundles_root: Path):
+    return export_case(request.param, bundles_root / "runtime")
+
+
+def test_local_loss_prompt_gradient_matches_autograd(case) -> None:
+    """head -> select -> tail on the device equals autograd through the eager model."""
+    runtime = OnnxDeviceRuntime(case.result.device_dir, threads=1)
+    params = runtime.initial_parameters()
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((3, 3, 32, 32)).astype(np.float32)
+    labels = np.array([0, 3, 6], dtype=np.int64)
+    weight = np.ones(3, dtype=np.float32)
+
+    h = runtime.head_forward(image, params[PROMPT_KEY])
+    step = runtime.tail_step(params, select(h, runtime.manifest), labels, weight)
+    grad_prompt = runtime.head_vjp(
+        image, params[PROMPT_KEY], scatter_grad(step.grad_input, runtime.manifest)
+    )
+
+    split = case.split
+    prompt = torch.from_numpy(params[PROMPT_KEY]).requires_grad_(True)
+    with torch.no_grad():
+        for name, key in split.tail_keys().items():
+            split.tail.get_parameter(name).copy_(torch.from_numpy(params[key]))
+    z = select_tail_input(
+        split.head(torch.from_numpy(image), prompt), split.tail_input, split.skip_tokens
+    )
+    loss = weighted_cross_entropy(split.tail(z), torch.from_numpy(labels), torch.from_numpy(weight))
+    loss.backward()
+    assert abs(step.loss - loss.item()) <= 1e-4 * abs(loss.item())
+    want = prompt.grad.numpy()
+    assert np.abs(grad_prompt - want).max() <= 1e-4 * np.abs(want).max()
+    assert set(step.grads) == set(runtime.tail_keys)
+
+
+def test_wrong_shapes_are_refused_before_onnxruntime_sees_them(case) -> None:
+    runtime = OnnxDeviceRuntime(case.result.device_dir, threads=1)
+    params = runtime.initial_parameters()
+    with pytest.raises(ValueError, match="image: expected shape"):
+        runtime.head_forward(np.zeros((2, 3, 31, 32), np.float32), params[PROMPT_KEY])
+    with pytest.raises(ValueError, match="prompt: expected dtype float32"):
+        runtime.head_forward(
+            np.zeros((2, 3, 32, 32), np.float32), params[PROMPT_KEY].astype(np.float64)
+        )
