@@ -7,6 +7,7 @@ directly (skipping the body): select t from h, and scatter dL/dt back into a dL/
 from __future__ import annotations
 
 import numpy as np
+
 from sfprompt.protocol.bundle import Manifest
 
 

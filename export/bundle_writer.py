@@ -17,6 +17,8 @@ from typing import Any
 import onnx
 import torch
 from safetensors.torch import save_file
+from timm.data import resolve_data_config
+
 from sfprompt.protocol.bundle import (
     BATCH,
     GraphSpec,
@@ -26,7 +28,6 @@ from sfprompt.protocol.bundle import (
     write_manifest,
 )
 from sfprompt.protocol.version import PROTOCOL_VERSION
-from timm.data import resolve_data_config
 
 from . import device_graphs as dg
 from .model_loading import create_vit

@@ -11,6 +11,7 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+
 from sfprompt.protocol.bundle import BundleError
 
 from .model_loading import ModelError, create_vit, parse_model_args

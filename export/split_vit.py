@@ -14,11 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from sfprompt.protocol.bundle import BATCH, TailInput
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-PROMPT_KEY = "prompt.tokens"
+from sfprompt.protocol.bundle import BATCH, PROMPT_KEY, TailInput
+
+__all__ = ["PROMPT_KEY", "TAIL_PREFIX", "Cut", "SplitViT"]
 TAIL_PREFIX = "tail."
 
 

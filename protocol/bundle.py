@@ -18,6 +18,7 @@ from .version import PROTOCOL_VERSION
 
 MANIFEST_NAME = "manifest.json"
 BATCH = "batch"  # the symbolic name of the dynamic batch dimension in every shape
+PROMPT_KEY = "prompt.tokens"  # the prompt's key in every weights file; tail keys start "tail."
 
 
 class BundleError(ValueError):

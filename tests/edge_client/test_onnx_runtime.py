@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from sfprompt.edge_client.onnx_runtime import OnnxDeviceRuntime
 from sfprompt.edge_client.tail_input import scatter_grad, select
 from sfprompt.export.device_graphs import weighted_cross_entropy
 from sfprompt.export.split_vit import PROMPT_KEY, select_tail_input
-
 from tests.export.conftest import export_case
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from sfprompt.export.bundle_writer import ExportConfig, ExportResult, write_bundles
 from sfprompt.export.model_loading import create_vit
 from sfprompt.export.split_vit import SplitViT
-
 from tests.conftest import SMALL_VIT
 
 CASES = {

@@ -10,12 +10,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
+
 from sfprompt.export.cli import main
 from sfprompt.export.model_loading import ModelError, create_vit, load_checkpoint
 from sfprompt.export.split_vit import PROMPT_KEY
 from sfprompt.protocol.bundle import BundleError, load_manifest
 from sfprompt.protocol.version import PROTOCOL_VERSION
-
 from tests.conftest import SMALL_VIT
 from tests.export.conftest import export_case
 

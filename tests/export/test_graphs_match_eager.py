@@ -11,10 +11,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+
 from sfprompt.export.device_graphs import weighted_cross_entropy
 from sfprompt.export.split_vit import PROMPT_KEY, select_tail_input
 from sfprompt.protocol.bundle import BATCH
-
 from tests.export.conftest import Exported
 
 RTOL = 1e-4

@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:
+#   make demo   set up everything, then run the main job
+#   make test   set up everything, then run the test suite
+# Set-up is idempotent: it re-installs only when pyproject.toml changes.
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   ?= runs/demo
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup mosquitto demo test lint clean
+
+setup: $(STAMP) mosquitto
+
+mosquitto:
+	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \
+	  { echo "installing mosquitto with apt"; $(SUDO) apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q mosquitto; }
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e ".[all]"
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m sfprompt.demo --out $(DEMO)
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+clean:
+	rm -rf $(VENV) runs

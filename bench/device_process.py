@@ -1,0 +1,101 @@
+"""One fresh device process for the benchmark: run N training steps, print JSON figures.
+
+    python bench/device_process.py onnx  BUNDLE_DIR BATCH STEPS THREADS
+    python bench/device_process.py torch BUNDLE_DIR BATCH STEPS THREADS
+
+A step is what the device computes per batch: head forward, tail step, head VJP, update.
+The onnx process imports no torch; the torch process does it the natural eager way (keep the
+head's graph, two backward passes) on the same cut of the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from sfprompt.edge_client.memory import MemoryProfiler
+
+
+def onnx_steps(bundle: str, batch: int, steps: int, threads: int) -> list[float]:
+    from sfprompt.edge_client.onnx_runtime import OnnxDeviceRuntime
+    from sfprompt.edge_client.profile import synthetic_batch
+    from sfprompt.edge_client.tail_input import scatter_grad, select
+    from sfprompt.protocol.bundle import PROMPT_KEY
+
+    rt = OnnxDeviceRuntime(bundle, threads=threads)
+    params = rt.initial_parameters()
+    images, labels = synthetic_batch(rt, batch)
+    weight = np.ones(batch, np.float32)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        h = rt.head_forward(images, params[PROMPT_KEY])
+        step = rt.tail_step(params, select(h, rt.manifest), labels, weight)
+        g = rt.head_vjp(images, params[PROMPT_KEY], scatter_grad(step.grad_input, rt.manifest))
+        params[PROMPT_KEY] -= 1e-4 * g
+        for k, v in step.grads.items():
+            params[k] -= 1e-4 * v
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def torch_steps(bundle: str, batch: int, steps: int, threads: int) -> list[float]:
+    import torch
+
+    from sfprompt.export.device_graphs import weighted_cross_entropy
+    from sfprompt.export.model_loading import create_vit
+    from sfprompt.export.split_vit import Cut, SplitViT, select_tail_input
+    from sfprompt.protocol.bundle import load_manifest
+
+    torch.set_num_threads(threads)
+    m = load_manifest(bundle)
+    vit = create_vit(m.model, m.num_classes, model_args=m.model_args)
+    split = SplitViT.cut_model(vit, Cut(m.head_blocks, m.tail_blocks, m.prompts))
+    prompt = torch.zeros(m.prompts, m.embed_dim, requires_grad=True)
+    tail_params = [p.requires_grad_(True) for p in split.tail.parameters()]
+    opt = torch.optim.SGD([prompt, *tail_params], lr=1e-4)
+    images = torch.randn(batch, *m.preprocess["input_size"])
+    labels = torch.randint(0, m.num_classes, (batch,))
+    weight = torch.ones(batch)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        h = split.head(images, prompt)
+        t = select_tail_input(h, split.tail_input, split.skip_tokens).detach().requires_grad_(True)
+        loss = weighted_cross_entropy(split.tail(t), labels, weight)
+        loss.backward()
+        h_grad = torch.autograd.grad(
+            select_tail_input(h, split.tail_input, split.skip_tokens), prompt, t.grad
+        )
+        prompt.grad = h_grad[0]
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    mode, bundle, batch, steps, threads = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+    run = onnx_steps if mode == "onnx" else torch_steps
+    # Sampled, not ru_maxrss: that one inherits the parent's peak across fork + exec.
+    with MemoryProfiler() as profiler, profiler.phase("steps"):
+        times = run(bundle, batch, steps, threads)
+    peak_mb = profiler.profile.peak_rss_mb
+    print(
+        json.dumps(
+            {
+                "mode": mode,
+                "step_s": statistics.median(times[1:] or times),
+                "peak_rss_mb": peak_mb,
+                "torch_loaded": "torch" in sys.modules,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
