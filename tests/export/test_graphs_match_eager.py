@@ -11,9 +11,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from sfprompt.export.bundle_writer import example_inputs
 from sfprompt.export.device_graphs import weighted_cross_entropy
-from sfprompt.export.split_vit import PROMPT_KEY, select_tail_input
+from sfprompt.export.split_vit import PROMPT_KEY
 from sfprompt.protocol.bundle import BATCH
 from tests.export.conftest import Exported
 
@@ -26,26 +28,14 @@ def rel_err(got: np.ndarray, want: torch.Tensor | np.ndarray) -> float:
 
 
 def inputs(ex: Exported, batch: int, seed: int = 1) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    split = ex.split
-    size = split.vit.patch_embed.img_size
-    image = torch.randn(batch, 3, *size, generator=gen)
-    weights = ex.result.device_dir / "prompt_tail.safetensors"
-    from safetensors.torch import load_file
-
-    params = load_file(str(weights))
+    """The exporter's own example inputs, the bundle's weights, and uneven sample weights."""
+    params = load_file(str(ex.result.device_dir / "prompt_tail.safetensors"))
     prompt = params.pop(PROMPT_KEY)
-    h = split.head(image, prompt)
-    t = select_tail_input(h, split.tail_input, split.skip_tokens)
-    return {
-        "image": image,
-        "prompt": prompt,
-        "grad_h": torch.randn(h.shape, generator=gen),
-        "tail_input": torch.randn(t.shape, generator=gen),
-        "labels": torch.randint(0, 7, (batch,), generator=gen),
-        "weight": torch.rand(batch, generator=gen) + 0.5,
-        **params,
-    }
+    x = example_inputs(ex.split, prompt, params, batch)
+    gen = torch.Generator().manual_seed(seed)
+    x["image"] = torch.randn(x["image"].shape, generator=gen)
+    x["weight"] = torch.rand(batch, generator=gen) + 0.5
+    return x
 
 
 def eager_head_vjp(ex: Exported, x: dict[str, torch.Tensor]) -> torch.Tensor:
