@@ -1,0 +1,73 @@
+"""How a client connects, and what its handlers receive (see `mqtt_client.py`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from .codec import Expectations, encode
+from .messages import Message, Presence
+from .topics import Topics
+from .wire import Limits
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files: the CA that signed the broker, and this client's certificate and key."""
+
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    client_id: str
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    tls: TlsFiles | None = None
+    keepalive_s: int = 30
+    session_expiry_s: int = 3600  # how long the broker keeps our session and QoS 1 queue offline
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    max_chunk_bytes: int = 8 << 20  # larger payloads (or above the broker's limit) are chunked
+    limits: Limits = field(default_factory=Limits)
+    expect: Expectations | None = None  # tensor shapes from the bundle manifest
+    will: tuple[str, bytes] | None = None  # retained Last Will: (topic, encoded payload)
+    topics: Topics = field(default_factory=Topics)
+
+    @classmethod
+    def from_url(cls, url: str, client_id: str, **options: Any) -> ClientConfig:
+        """`mqtt://[user[:password]@]host[:port]` or `mqtts://...` (TLS needs `tls=TlsFiles`)."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"broker URL must be mqtt://host:port or mqtts://host:port: {url!r}")
+        if parts.scheme == "mqtts" and "tls" not in options:
+            raise ValueError("an mqtts:// URL needs tls=TlsFiles(ca_file=...)")
+        port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+        user = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password else None
+        return cls(client_id, parts.hostname, port, user, password, **options)
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A delivered message and the MQTT v5 properties a handler may need to answer it."""
+
+    topic: str
+    message: Message
+    response_topic: str | None = None
+    correlation: bytes | None = None
+
+
+Handler = Callable[[Inbound], "Message | None"]  # a returned message is sent as the reply
+
+
+def presence_will(device_id: str, topics: Topics | None = None) -> tuple[str, bytes]:
+    """The Last Will of a device: its presence, offline, retained."""
+    topic = (topics or Topics()).presence(device_id)
+    return topic, encode(Presence(device_id=device_id, online=False))

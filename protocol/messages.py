@@ -1,0 +1,358 @@
+"""Every message that crosses the wire, as frozen dataclasses holding numpy arrays.
+
+The only behaviour here is checking invariants in `__post_init__`, so that a message that exists
+is a message that may be sent; a violation raises `ProtocolError` (the decoder builds messages
+through these constructors, so bad input from the network fails the same way). Scans over whole
+tensors (NaN/Inf) are left to the decoder: they cost a pass over megabytes and the sender's own
+arrays are trusted. Serialisation lives in `codec.py`.
+
+Messages holding arrays compare by identity (`eq=False`): numpy arrays have no single truth value.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeAlias
+
+import numpy as np
+
+from .errors import BAD_DTYPE, BAD_FIELD, BAD_SHAPE, CODES, ProtocolError
+from .version import PROTOCOL_VERSION
+
+ENCODINGS = ("fp32", "fp16", "bf16", "int8")
+"""Wire encodings of activations and gradients (see `tensor_codec.py`)."""
+
+BROADCAST = "*"
+"""`device_id` of messages meant for every device (broadcast TASK, server status)."""
+
+SERVER_STATES = ("starting", "waiting", "training", "aggregating", "evaluating", "stopped")
+
+_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+_MSG_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+_MAX_INT = 2**53  # integers survive a round trip through any JSON reader
+_MAX_TEXT = 4096
+
+
+def new_msg_id() -> str:
+    """A fresh message id: random, so that two senders never collide without coordination."""
+    return uuid.uuid4().hex
+
+
+def check_device_id(value: object, field_name: str = "device_id") -> str:
+    """Device ids become MQTT topic levels and broker user names: no wildcards, no slashes."""
+    if not isinstance(value, str) or not _DEVICE_ID.match(value):
+        raise ProtocolError(
+            BAD_FIELD, field_name, "1-64 chars of [A-Za-z0-9_.-], starting alphanumeric", value
+        )
+    return value
+
+
+def _check_int(value: object, name: str, low: int = 0, high: int = _MAX_INT) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ProtocolError(BAD_FIELD, name, f"an integer in [{low}, {high}]", value)
+
+
+def _check_float(value: object, name: str, low: float, high: float, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (low < value if low_open else low <= value) and value <= high  # type: ignore[operator]
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ProtocolError(BAD_FIELD, name, f"a finite number in {bracket}{low}, {high}]", value)
+
+
+def _check_text(value: object, name: str, allow_empty: bool = True) -> None:
+    if not isinstance(value, str) or len(value) > _MAX_TEXT or (not allow_empty and not value):
+        raise ProtocolError(BAD_FIELD, name, f"a string of at most {_MAX_TEXT} chars", value)
+
+
+def _check_mapping(value: object, name: str, values: str) -> None:
+    """Flat string-keyed maps of "text", finite "number" or either ("scalar", bools included)."""
+    if not isinstance(value, Mapping):
+        raise ProtocolError(BAD_FIELD, name, "a mapping", type(value).__name__)
+    if len(value) > 1024:
+        raise ProtocolError(BAD_FIELD, name, "at most 1024 entries", len(value))
+    for key, item in value.items():
+        _check_text(key, f"{name} key", allow_empty=False)
+        if isinstance(item, str) and values != "number":
+            _check_text(item, f"{name}[{key}]")
+        elif not (isinstance(item, bool) and values == "scalar") and values != "text":
+            _check_float(item, f"{name}[{key}]", -math.inf, math.inf)
+        elif values == "text":
+            raise ProtocolError(BAD_FIELD, f"{name}[{key}]", "a string", item)
+
+
+def _check_activation(value: object, name: str) -> None:
+    if not isinstance(value, np.ndarray):
+        raise ProtocolError(BAD_DTYPE, name, "a numpy array", type(value).__name__)
+    if value.dtype != np.float32:
+        raise ProtocolError(BAD_DTYPE, name, "float32", value.dtype)
+    if value.ndim < 1:
+        raise ProtocolError(BAD_SHAPE, name, "at least one dimension (batch first)", value.shape)
+
+
+def _check_params(value: object, name: str) -> None:
+    """Prompt and tail weights: float32 arrays by name (aggregation runs in float32)."""
+    if not isinstance(value, Mapping):
+        raise ProtocolError(BAD_FIELD, name, "a mapping of name to array", type(value).__name__)
+    for key, array in value.items():
+        _check_text(key, f"{name} key", allow_empty=False)
+        if not isinstance(array, np.ndarray) or array.dtype != np.float32:
+            got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+            raise ProtocolError(BAD_DTYPE, f"{name}[{key}]", "a float32 numpy array", got)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Envelope:
+    """Fields every message carries; `(device_id, msg_id)` identifies it for de-duplication."""
+
+    kind: ClassVar[str] = ""
+    device_id: str
+    round: int = 0
+    step: int = 0
+    msg_id: str = field(default_factory=new_msg_id)
+    version: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        _check_int(self.version, "version", 1, PROTOCOL_VERSION)
+        if not isinstance(self.msg_id, str) or not _MSG_ID.match(self.msg_id):
+            raise ProtocolError(BAD_FIELD, "msg_id", "1-64 chars of [A-Za-z0-9_-]", self.msg_id)
+        if self.device_id != BROADCAST:
+            check_device_id(self.device_id)
+        _check_int(self.round, "round")
+        _check_int(self.step, "step")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Join(Envelope):
+    """Device -> server: who I am, which bundle I run, on what hardware."""
+
+    kind: ClassVar[str] = "join"
+    bundle_hash: str
+    runtime: Mapping[str, str]  # e.g. {"python": "3.11.7", "onnxruntime": "1.17.1"}
+    hardware: Mapping[str, float | str | bool]  # psutil profile: cpu_count, memory_total, ...
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_text(self.bundle_hash, "bundle_hash", allow_empty=False)
+        _check_mapping(self.runtime, "runtime", "text")
+        _check_mapping(self.hardware, "hardware", "scalar")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhaseSettings:
+    """How a device runs one round: self-update, pruning to the hardest `keep_ratio`, split."""
+
+    keep_ratio: float  # gamma: fraction of local samples kept by EL2N pruning, in (0, 1]
+    local_epochs: int  # epochs of the self-update phase (head -> tail, no network)
+    local_lr: float  # learning rate of the self-update phase (paper: 1e-4)
+    split_lr: float  # learning rate of the split-training phase
+    deadline: float  # unix time (s) by which the UPDATE must arrive
+    split_epochs: int = 1
+    batch_size: int = 128
+    encoding: str = "fp32"  # activations and gradients on the wire this round
+
+    def __post_init__(self) -> None:
+        _check_float(self.keep_ratio, "settings.keep_ratio", 0.0, 1.0, low_open=True)
+        _check_int(self.local_epochs, "settings.local_epochs", 0, 10_000)
+        _check_float(self.local_lr, "settings.local_lr", 0.0, 1e6)
+        _check_float(self.split_lr, "settings.split_lr", 0.0, 1e6)
+        _check_float(self.deadline, "settings.deadline", 0.0, 1e12)
+        _check_int(self.split_epochs, "settings.split_epochs", 0, 10_000)
+        _check_int(self.batch_size, "settings.batch_size", 1, 1 << 20)
+        if self.encoding not in ENCODINGS:
+            expected = f"one of {ENCODINGS}"
+            raise ProtocolError(BAD_FIELD, "settings.encoding", expected, self.encoding)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Task(Envelope):
+    """Server -> device(s): the global prompt + tail and how to run this round."""
+
+    kind: ClassVar[str] = "task"
+    params: Mapping[str, np.ndarray]
+    settings: PhaseSettings
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_params(self.params, "params")
+        if not isinstance(self.settings, PhaseSettings):
+            raise ProtocolError(BAD_FIELD, "settings", "PhaseSettings", type(self.settings))
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class _Activation(Envelope):
+    """One tensor of split training; `encoding` says how it travels (and travelled)."""
+
+    tensor_field: ClassVar[str] = ""
+    encoding: str = "fp32"
+
+    @property
+    def tensor(self) -> np.ndarray:
+        value: np.ndarray = getattr(self, self.tensor_field)
+        return value
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.encoding not in ENCODINGS:
+            raise ProtocolError(BAD_FIELD, "encoding", f"one of {ENCODINGS}", self.encoding)
+        _check_activation(self.tensor, self.tensor_field)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Smashed(_Activation):
+    """Device -> server: head output h, (B, N, D) with N = 1 + prompts + patches."""
+
+    kind: ClassVar[str] = "smashed"
+    tensor_field: ClassVar[str] = "h"
+    h: np.ndarray
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class BodyOut(_Activation):
+    """Server -> device: body output z, only the tokens the tail reads ((B, 1, D) if no blocks)."""
+
+    kind: ClassVar[str] = "body_out"
+    tensor_field: ClassVar[str] = "z"
+    z: np.ndarray
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class GradZ(_Activation):
+    """Device -> server: dL/dz, same shape as the BODY_OUT it answers."""
+
+    kind: ClassVar[str] = "grad_z"
+    tensor_field: ClassVar[str] = "grad_z"
+    grad_z: np.ndarray
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class GradH(_Activation):
+    """Server -> device: dL/dh, the body's vector-Jacobian product, shaped like h."""
+
+    kind: ClassVar[str] = "grad_h"
+    tensor_field: ClassVar[str] = "grad_h"
+    grad_h: np.ndarray
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Update(Envelope):
+    """Device -> server: trained prompt + tail, weighted in FedAvg by `samples`."""
+
+    kind: ClassVar[str] = "update"
+    params: Mapping[str, np.ndarray]
+    samples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)  # e.g. local loss, accuracy
+    memory: Mapping[str, float] = field(default_factory=dict)  # e.g. peak_rss_bytes
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_params(self.params, "params")
+        _check_int(self.samples, "samples")
+        _check_mapping(self.metrics, "metrics", "number")
+        _check_mapping(self.memory, "memory", "number")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Error(Envelope):
+    """Either side: the message `answers` (a msg_id, empty if unreadable) was refused."""
+
+    kind: ClassVar[str] = "error"
+    code: str
+    text: str
+    answers: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.code not in CODES:
+            raise ProtocolError(BAD_FIELD, "code", f"one of {sorted(CODES)}", self.code)
+        _check_text(self.text, "text")
+        if self.answers and not _MSG_ID.match(self.answers):
+            raise ProtocolError(BAD_FIELD, "answers", "a msg_id or empty", self.answers)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Presence(Envelope):
+    """Device online/offline, retained; the broker publishes `online=False` as the Last Will."""
+
+    kind: ClassVar[str] = "presence"
+    online: bool
+    since: float = 0.0  # unix time (s) of the change, 0 if unknown (a Will is written at connect)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.online, bool):
+            raise ProtocolError(BAD_FIELD, "online", "a bool", self.online)
+        _check_float(self.since, "since", 0.0, 1e12)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerStatus(Envelope):
+    """Server state, retained so that a device connecting late learns it at once."""
+
+    kind: ClassVar[str] = "server_status"
+    state: str
+    devices_online: int = 0
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.state not in SERVER_STATES:
+            raise ProtocolError(BAD_FIELD, "state", f"one of {SERVER_STATES}", self.state)
+        _check_int(self.devices_online, "devices_online")
+        _check_text(self.text, "text")
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Chunk(Envelope):
+    """One slice of an encoded message too large for one MQTT packet (see `chunking.py`).
+
+    `msg_id` is the id of the whole message, so a chunk set is keyed like the message it carries.
+    """
+
+    kind: ClassVar[str] = "chunk"
+    index: int
+    count: int
+    chunk_size: int  # bytes per chunk; the last one holds the rest
+    total_bytes: int
+    sha256: str  # of the whole encoded message
+    data: np.ndarray  # uint8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int(self.total_bytes, "total_bytes", 1)
+        _check_int(self.chunk_size, "chunk_size", 1)
+        expected_count = -(-self.total_bytes // self.chunk_size)
+        _check_int(self.count, "count", expected_count, expected_count)
+        _check_int(self.index, "index", 0, self.count - 1)
+        if not isinstance(self.sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ProtocolError(BAD_FIELD, "sha256", "64 lowercase hex digits", self.sha256)
+        if not isinstance(self.data, np.ndarray) or self.data.dtype != np.uint8:
+            raise ProtocolError(BAD_DTYPE, "data", "a uint8 numpy array", type(self.data))
+        start = self.index * self.chunk_size
+        expected = min(self.chunk_size, self.total_bytes - start)
+        if self.data.shape != (expected,):
+            raise ProtocolError(BAD_SHAPE, "data", f"({expected},)", self.data.shape)
+
+
+Message: TypeAlias = (
+    Join | Task | Smashed | BodyOut | GradZ | GradH | Update | Error | Presence | ServerStatus
+) | Chunk
+ACTIVATIONS: tuple[type[_Activation], ...] = (Smashed, BodyOut, GradZ, GradH)
+ALL: tuple[type[Any], ...] = (
+    Join,
+    Task,
+    Smashed,
+    BodyOut,
+    GradZ,
+    GradH,
+    Update,
+    Error,
+    Presence,
+    ServerStatus,
+    Chunk,
+)

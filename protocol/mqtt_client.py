@@ -1,0 +1,448 @@
+"""The one wrapper around paho-mqtt (nothing else imports paho), used by devices and server.
+
+Always paho's VERSION2 callbacks and MQTT v5: persistent sessions (clean_start=False plus a
+session expiry), QoS 1, automatic reconnect with backoff, a retained Last Will, TLS and user
+name/password. Failures raise (`TransportError`, `RequestTimeout`, `RemoteError`) instead of
+returning codes. paho's network thread only files deliveries into queues; decoding and handlers
+run on one dispatcher thread and request replies are decoded by the waiting caller, so heavy work
+never stalls keep-alives or acknowledgements.
+
+Delivery is at least once (QoS 1); the client makes it once for the application: each message key
+(device_id, msg_id) is handed over once, and a repeated request is answered from a reply cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from .chunking import CHUNK_OVERHEAD, Reassembler, split
+from .client_config import ClientConfig, Handler, Inbound
+from .codec import CONTENT_TYPE, decode, encode, error_for, peek
+from .dedup import CachedReply, ReplyCache, SeenIds
+from .errors import ProtocolError, RemoteError, RequestTimeout, TransportError
+from .messages import BROADCAST, Chunk, Error, Message
+
+log = logging.getLogger(__name__)
+_PACKET_OVERHEAD = 4096  # fixed header, topic, properties: reserved below Maximum Packet Size
+
+
+@dataclass
+class _Raw:
+    topic: str
+    payload: bytes | bytearray
+    response_topic: str | None
+    correlation: bytes | None
+
+
+class MqttClient:
+    """Connect, publish, subscribe with handlers, and request/reply over one MQTT v5 session."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.max_packet_bytes: int | None = None  # the broker's Maximum Packet Size (CONNACK)
+        self.connects = 0  # successful connections so far: > 1 means it reconnected
+        self._handlers: list[tuple[str, Handler]] = []
+        self._inbox: queue.Queue[_Raw | None] = queue.Queue()
+        self._pending: dict[bytes, queue.Queue[_Raw]] = {}
+        self._pending_lock = threading.Lock()
+        self._seen = SeenIds()
+        self._seen_lock = threading.Lock()
+        self._replies = ReplyCache()
+        self._reassembler = Reassembler(config.limits)
+        self._connected = threading.Event()
+        self._connect_refused: TransportError | None = None
+        self._acks_lock = threading.Lock()
+        self._suback: dict[int, list[Any] | None] = {}
+        self._suback_cv = threading.Condition(self._acks_lock)
+        self._refused: dict[int, Any] = {}
+        self._resubscribe_mid: int | None = None
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, daemon=True)
+        self._client = self._build()
+
+    # ---- connection --------------------------------------------------------------------------
+    def _build(self) -> paho.Client:
+        cfg = self.config
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=paho.MQTTv5
+        )
+        if cfg.username is not None:
+            client.username_pw_set(cfg.username, cfg.password)
+        if cfg.tls is not None:
+            client.tls_set(cfg.tls.ca_file, cfg.tls.cert_file, cfg.tls.key_file)
+        if cfg.will is not None:
+            client.will_set(cfg.will[0], cfg.will[1], qos=1, retain=True)
+        client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)  # type: ignore[arg-type]
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
+        return client
+
+    def connect(self, timeout: float = 30.0) -> MqttClient:
+        """Connect (retrying with backoff until `timeout`); raises TransportError if refused."""
+        cfg = self.config
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = cfg.session_expiry_s
+        self._client.connect_async(
+            cfg.host, cfg.port, cfg.keepalive_s, clean_start=False, properties=props
+        )
+        self._client.loop_start()
+        if not self._dispatcher.is_alive():
+            self._dispatcher.start()
+        deadline = time.monotonic() + timeout
+        if not self._connected.wait(timeout) or self._connect_refused is not None:
+            refused = self._connect_refused
+            self.close(send_will=False)
+            raise refused or TransportError(
+                f"no MQTT connection to {cfg.host}:{cfg.port} within {timeout}s"
+            )
+        with self._acks_lock:  # handlers registered before connect: wait for their SUBACK
+            mid = self._resubscribe_mid
+            if mid is not None:
+                left = max(0.0, deadline - time.monotonic())
+                if not self._suback_cv.wait_for(lambda: self._suback.get(mid) is not None, left):
+                    self.close(send_will=False)
+                    raise TransportError(f"no SUBACK within {timeout}s")
+                codes = self._suback.pop(mid) or []
+                if any(code.is_failure for code in codes):
+                    self.close(send_will=False)
+                    raise TransportError(f"broker refused a subscription: {codes}", 0x87)
+        return self
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def close(self, send_will: bool = True) -> None:
+        """Disconnect; with a Will configured and `send_will`, the broker publishes it (v5 0x04)."""
+        if send_will and self.config.will is not None:
+            reason = paho.ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message")
+            self._client.disconnect(reasoncode=reason)
+        else:
+            self._client.disconnect()
+        self._client.loop_stop()
+        self._inbox.put(None)
+        self._connected.clear()
+
+    def _on_connect(self, client: Any, _u: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            self._connect_refused = TransportError(
+                f"broker refused the connection: {reason}", int(reason.value)
+            )
+            self._connected.set()  # wakes connect(), which raises
+            return
+        self.max_packet_bytes = getattr(props, "MaximumPacketSize", None)
+        self.connects += 1
+        if self._handlers:
+            # Even a resumed session may lack filters registered since; retained messages sent
+            # again by the broker are dropped as duplicates.
+            with self._acks_lock:
+                _, mid = client.subscribe([(f, SubscribeOptions(qos=1)) for f, _ in self._handlers])
+                if self.connects == 1 and mid is not None:  # connect() waits for this SUBACK
+                    self._resubscribe_mid = mid
+                    self._suback[mid] = None
+        self._connected.set()
+
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        self._connected.clear()
+        log.info("disconnected from broker: %s (reconnecting)", reason)
+
+    # ---- publishing --------------------------------------------------------------------------
+    def packets(self, message: Message) -> list[bytes]:
+        """The payloads `message` travels as: one, or chunks under the negotiated packet size."""
+        payload = encode(message)
+        limit = self.config.max_chunk_bytes
+        if self.max_packet_bytes:
+            limit = min(limit, self.max_packet_bytes - _PACKET_OVERHEAD)
+        if len(payload) <= limit:
+            return [payload]
+        return split(payload, message, max(limit, CHUNK_OVERHEAD + 1))
+
+    def publish(
+        self,
+        topic: str,
+        message: Message,
+        *,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+        timeout: float | None = 60.0,
+    ) -> None:
+        """Send at QoS 1 and wait for the broker's PUBACK (None: do not wait).
+
+        Raises TransportError if the broker refuses (e.g. 0x87 Not authorized) or times out.
+        While disconnected the message is queued and sent on reconnect.
+        """
+        self.publish_packets(
+            topic, self.packets(message), retain, response_topic, correlation, timeout
+        )
+
+    def publish_packets(
+        self,
+        topic: str,
+        packets: list[bytes],
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+        timeout: float | None = 60.0,
+    ) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = CONTENT_TYPE
+        if response_topic is not None:
+            props.ResponseTopic = response_topic
+        if correlation is not None:
+            props.CorrelationData = correlation
+        infos = [self._client.publish(topic, p, 1, retain, props) for p in packets]
+        if timeout is None:
+            return
+        deadline = time.monotonic() + timeout
+        for info in infos:
+            while not info.is_published():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TransportError(f"no PUBACK for {topic} within {timeout}s")
+                if info.rc == paho.MQTT_ERR_SUCCESS:
+                    info.wait_for_publish(min(remaining, 1.0))
+                else:  # queued while disconnected: paho sends it on reconnect
+                    time.sleep(min(remaining, 0.05))
+            with self._acks_lock:
+                refused = self._refused.pop(info.mid, None)
+            if refused is not None:
+                raise TransportError(
+                    f"broker refused publish on {topic}: {refused}", int(refused.value)
+                )
+
+    def _on_publish(self, _c: Any, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+        with self._acks_lock:
+            if reason.is_failure:
+                self._refused[mid] = reason
+            else:
+                self._refused.pop(mid, None)
+
+    # ---- subscribing -------------------------------------------------------------------------
+    def subscribe(self, topic_filter: str, handler: Handler, timeout: float = 30.0) -> None:
+        """Call `handler` (on the dispatcher thread) for each message on `topic_filter`.
+
+        Before `connect` this only registers the handler, so that messages queued in a persistent
+        session find it on arrival; every (re)connect subscribes to all registered filters.
+        Once connected, raises TransportError if the broker refuses (e.g. 0x87 Not authorized).
+        """
+        self._handlers.append((topic_filter, handler))
+        if not self.connected:
+            return
+        with self._acks_lock:
+            result, mid = self._client.subscribe(topic_filter, options=SubscribeOptions(qos=1))
+            if result != paho.MQTT_ERR_SUCCESS or mid is None:
+                raise TransportError(f"subscribe to {topic_filter} failed: {result}")
+            self._suback[mid] = None
+            if not self._suback_cv.wait_for(lambda: self._suback[mid] is not None, timeout):
+                self._suback.pop(mid)
+                raise TransportError(f"no SUBACK for {topic_filter} within {timeout}s")
+            codes = self._suback.pop(mid) or []
+        if any(code.is_failure for code in codes):
+            self._handlers.remove((topic_filter, handler))
+            raise TransportError(
+                f"broker refused subscription to {topic_filter}: {codes[0]}", int(codes[0].value)
+            )
+
+    def _on_subscribe(self, _c: Any, _u: Any, mid: int, codes: list[Any], _p: Any) -> None:
+        with self._acks_lock:
+            if mid in self._suback:
+                self._suback[mid] = list(codes)
+                self._suback_cv.notify_all()
+            elif any(code.is_failure for code in codes):
+                log.error("broker refused a subscription on reconnect: %s", codes)
+
+    # ---- receiving ---------------------------------------------------------------------------
+    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        props = msg.properties
+        correlation = getattr(props, "CorrelationData", None)
+        raw = _Raw(msg.topic, msg.payload, getattr(props, "ResponseTopic", None), correlation)
+        with self._pending_lock:
+            waiter = self._pending.get(correlation) if correlation is not None else None
+        if waiter is not None and raw.response_topic is None:
+            waiter.put(raw)  # a reply to one of our requests: its caller decodes it
+        else:
+            self._inbox.put(raw)
+
+    def _dispatch_loop(self) -> None:
+        while (raw := self._inbox.get()) is not None:
+            try:
+                self._dispatch(raw)
+            except Exception:  # the receiver keeps running whatever one message does
+                log.exception("dispatching a message on %s failed", raw.topic)
+
+    def _dispatch(self, raw: _Raw) -> None:
+        try:
+            payload = self._reassemble(raw, self._reassembler)
+            if payload is None:
+                return
+            key = self._key(payload)
+            with self._seen_lock:
+                fresh = self._seen.add(key)
+            if not fresh:
+                cached = self._replies.get(key)
+                if cached is not None:
+                    self.publish_packets(
+                        cached.topic, cached.packets, False, None, cached.correlation, None
+                    )
+                return
+            message = decode(payload, self.config.limits, self.config.expect)
+            self._check_sender(raw.topic, message)
+        except ProtocolError as exc:
+            self._refuse(raw, exc)
+            return
+        handler = next((h for f, h in self._handlers if paho.topic_matches_sub(f, raw.topic)), None)
+        if handler is None:
+            log.warning("no handler for %s", raw.topic)
+            return
+        try:
+            reply = handler(Inbound(raw.topic, message, raw.response_topic, raw.correlation))
+        except Exception as exc:
+            log.exception("handler for %s failed", raw.topic)
+            reply = error_for(exc, _device_of(message), message.msg_id, message.round, message.step)
+        if reply is not None and raw.response_topic is not None:
+            packets = self.packets(reply)
+            self._replies.put(key, CachedReply(raw.response_topic, packets, raw.correlation))
+            self.publish_packets(raw.response_topic, packets, False, None, raw.correlation, None)
+
+    def _reassemble(self, raw: _Raw, reassembler: Reassembler) -> bytes | bytearray | None:
+        """The whole payload of `raw`, or None while chunks of it are still missing."""
+        if peek(raw.payload, self.config.limits).kind != Chunk.kind:
+            return raw.payload
+        chunk = decode(raw.payload, self.config.limits)
+        assert isinstance(chunk, Chunk)
+        return reassembler.add(chunk)
+
+    def _key(self, payload: bytes | bytearray) -> tuple[str, str]:
+        head = peek(payload, self.config.limits)
+        return head.device_id, head.msg_id
+
+    def _check_sender(self, topic: str, message: Message) -> None:
+        """On a device's own topics the broker vouches for the sender: the envelope must agree."""
+        try:
+            route = self.config.topics.parse(topic)
+        except ValueError:
+            return
+        if route.area in ("dev", "presence") and message.device_id != route.device_id:
+            raise ProtocolError(
+                "bad_field", "device_id", f"{route.device_id} (from the topic)", message.device_id
+            )
+
+    def _refuse(self, raw: _Raw, exc: ProtocolError) -> None:
+        """Answer bad input with an ERROR naming the problem; never answer an ERROR."""
+        log.warning("refused a message on %s: %s", raw.topic, exc)
+        try:
+            head = peek(raw.payload, self.config.limits)
+        except ProtocolError:
+            head = None
+        if head is not None and head.kind == Error.kind:
+            return
+        topic = raw.response_topic or self._error_topic(raw.topic)
+        if topic is None:
+            return
+        try:  # about whom: the device the topic names, else whoever the envelope claims
+            device = self.config.topics.parse(raw.topic).device_id or BROADCAST
+        except ValueError:
+            device = head.device_id if head is not None else BROADCAST
+        answers = head.msg_id if head is not None and _valid_id(head.msg_id) else ""
+        try:
+            error = error_for(exc, device, answers)
+        except ProtocolError:
+            error = error_for(exc, BROADCAST)
+        self.publish_packets(topic, [encode(error)], False, None, raw.correlation, None)
+
+    def _error_topic(self, topic: str) -> str | None:
+        topics = self.config.topics
+        try:
+            route = topics.parse(topic)
+        except ValueError:
+            return None
+        if route.area != "dev" or route.kind == Error.kind or route.device_id is None:
+            return None
+        if route.direction == "up":
+            return topics.down(route.device_id, "error")
+        return topics.up(route.device_id, "error")
+
+    # ---- request / reply ---------------------------------------------------------------------
+    def request(
+        self,
+        topic: str,
+        message: Message,
+        reply_topic: str,
+        timeout: float = 60.0,
+        attempts: int = 1,
+    ) -> Message:
+        """Publish `message` and wait for the reply correlated to it (MQTT v5 correlation data).
+
+        `reply_topic` must be covered by one of our subscriptions. With `attempts` > 1 the same
+        bytes are sent again after each `timeout / attempts`; the responder de-duplicates and
+        answers a repeat from its reply cache, so a lost reply costs no rework.
+        Raises RequestTimeout, RemoteError (the peer answered with ERROR) or ProtocolError (the
+        reply itself was malformed; an ERROR is sent back too).
+        """
+        correlation = message.msg_id.encode()
+        inbox: queue.Queue[_Raw] = queue.Queue()
+        with self._pending_lock:
+            self._pending[correlation] = inbox
+        packets = self.packets(message)
+        reassembler = Reassembler(self.config.limits)
+        deadline = time.monotonic() + timeout
+        try:
+            for attempt in range(attempts):
+                self.publish_packets(topic, packets, False, reply_topic, correlation, None)
+                until = time.monotonic() + (deadline - time.monotonic()) / (attempts - attempt)
+                while (left := until - time.monotonic()) > 0:
+                    try:
+                        raw = inbox.get(timeout=left)
+                    except queue.Empty:
+                        break
+                    reply = self._take_reply(raw, reassembler)
+                    if reply is None:
+                        continue
+                    if isinstance(reply, Error):
+                        raise RemoteError(reply)
+                    return reply
+        finally:
+            with self._pending_lock:
+                self._pending.pop(correlation, None)
+        raise RequestTimeout(f"no reply to {message.kind} on {topic} within {timeout}s")
+
+    def _take_reply(self, raw: _Raw, reassembler: Reassembler) -> Message | None:
+        try:
+            payload = self._reassemble(raw, reassembler)
+            if payload is None:
+                return None
+            with self._seen_lock:
+                fresh = self._seen.add(self._key(payload))
+            if not fresh:
+                return None
+            reply = decode(payload, self.config.limits, self.config.expect)
+            self._check_sender(raw.topic, reply)
+            return reply
+        except ProtocolError as exc:
+            self._refuse(raw, exc)
+            raise
+
+
+def _device_of(message: Message) -> str:
+    return message.device_id
+
+
+def _valid_id(msg_id: str) -> bool:
+    return 0 < len(msg_id) <= 64 and all(c.isalnum() or c in "_-" for c in msg_id)

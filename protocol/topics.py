@@ -1,0 +1,111 @@
+"""The topic tree, built in one place (the broker ACL is generated from it too).
+
+    sfp/v1/dev/{device_id}/up/{kind}     device -> server: join, smashed, grad_z, update, error
+    sfp/v1/dev/{device_id}/down/{kind}   server -> one device: task, body_out, grad_h, error
+    sfp/v1/broadcast/{kind}              server -> every device: task
+    sfp/v1/presence/{device_id}          retained Presence; the device's Last Will
+    sfp/v1/server/status                 retained ServerStatus
+
+Everything a device may touch sits under a level equal to its id, so that one Mosquitto
+`pattern` line with `%u` per direction confines it; the version in the root keeps peers of
+different protocol versions apart on a shared broker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .messages import check_device_id
+from .version import PROTOCOL_VERSION
+
+UP_KINDS = ("join", "smashed", "grad_z", "update", "error")
+DOWN_KINDS = ("task", "body_out", "grad_h", "error")
+BROADCAST_KINDS = ("task",)
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a topic says: its area, device (if any), direction (if any) and message kind."""
+
+    area: str  # "dev", "broadcast", "presence" or "server"
+    device_id: str | None = None
+    direction: str | None = None  # "up" or "down" under "dev"
+    kind: str | None = None
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Builds every topic; `root` lets tests or tenants share a broker without crosstalk."""
+
+    root: str = f"sfp/v{PROTOCOL_VERSION}"
+
+    def up(self, device_id: str, kind: str) -> str:
+        _check_kind(kind, UP_KINDS)
+        return f"{self.root}/dev/{check_device_id(device_id)}/up/{kind}"
+
+    def down(self, device_id: str, kind: str) -> str:
+        _check_kind(kind, DOWN_KINDS)
+        return f"{self.root}/dev/{check_device_id(device_id)}/down/{kind}"
+
+    def broadcast(self, kind: str) -> str:
+        _check_kind(kind, BROADCAST_KINDS)
+        return f"{self.root}/broadcast/{kind}"
+
+    def presence(self, device_id: str) -> str:
+        return f"{self.root}/presence/{check_device_id(device_id)}"
+
+    def server_status(self) -> str:
+        return f"{self.root}/server/status"
+
+    # Subscriptions -----------------------------------------------------------------------
+    def all_up(self) -> str:
+        """What the server subscribes to for device traffic."""
+        return f"{self.root}/dev/+/up/#"
+
+    def all_presence(self) -> str:
+        return f"{self.root}/presence/+"
+
+    def device_inbox(self, device_id: str) -> str:
+        """Everything sent to one device (its own down-tree)."""
+        return f"{self.root}/dev/{check_device_id(device_id)}/down/#"
+
+    def all_broadcast(self) -> str:
+        return f"{self.root}/broadcast/#"
+
+    # Broker ACL --------------------------------------------------------------------------
+    def device_acl_patterns(self) -> list[str]:
+        """Mosquitto `pattern` lines, which apply to every user (`%u` = user name = device id).
+
+        (`topic` lines before any `user` line would apply to anonymous clients only.)
+        """
+        return [
+            f"pattern write {self.root}/dev/%u/up/#",
+            f"pattern read {self.root}/dev/%u/down/#",
+            f"pattern readwrite {self.root}/presence/%u",
+            f"pattern read {self.root}/broadcast/#",
+            f"pattern read {self.root}/server/status",
+        ]
+
+    def server_acl_topics(self) -> list[str]:
+        return [f"topic readwrite {self.root}/#"]
+
+    def parse(self, topic: str) -> Route:
+        """Inverse of the builders; raises ValueError for topics outside this tree."""
+        prefix = self.root + "/"
+        if not topic.startswith(prefix):
+            raise ValueError(f"topic {topic!r} is not under {self.root!r}")
+        parts = topic[len(prefix) :].split("/")
+        if len(parts) == 4 and parts[0] == "dev" and parts[2] in ("up", "down"):
+            return Route("dev", check_device_id(parts[1]), parts[2], parts[3])
+        if len(parts) == 2 and parts[0] == "broadcast":
+            return Route("broadcast", kind=parts[1])
+        if len(parts) == 2 and parts[0] == "presence":
+            return Route("presence", check_device_id(parts[1]), kind="presence")
+        if parts == ["server", "status"]:
+            return Route("server", kind="server_status")
+        raise ValueError(f"topic {topic!r} is not one of sfprompt's")
+
+
+def _check_kind(kind: str, allowed: tuple[str, ...]) -> None:
+    if kind not in allowed:
+        raise ValueError(f"kind {kind!r} does not travel this way; expected one of {allowed}")
