@@ -105,7 +105,7 @@ def test_onnx_matches_eager_autograd(exported: Exported, batch_of) -> None:
 
 def test_torchscript_twins_match_eager_autograd(exported: Exported) -> None:
     d = exported.result.device_dir
-    for batch in (exported.batch, 1):
+    for batch in (exported.batch, 1, exported.batch - 1):
         x = inputs(exported, batch, seed=2)
         keys = exported.result.device.parameters
         params = [x[k] for k in keys if k != PROMPT_KEY]
