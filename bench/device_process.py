@@ -21,10 +21,9 @@ from sfprompt.edge_client.memory import MemoryProfiler
 
 
 def onnx_steps(bundle: str, batch: int, steps: int, threads: int) -> list[float]:
+    from sfprompt.edge_client.local_step import local_step
     from sfprompt.edge_client.onnx_runtime import OnnxDeviceRuntime
     from sfprompt.edge_client.profile import synthetic_batch
-    from sfprompt.edge_client.tail_input import scatter_grad, select
-    from sfprompt.protocol.bundle import PROMPT_KEY
 
     rt = OnnxDeviceRuntime(bundle, threads=threads)
     params = rt.initial_parameters()
@@ -33,12 +32,7 @@ def onnx_steps(bundle: str, batch: int, steps: int, threads: int) -> list[float]
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        h = rt.head_forward(images, params[PROMPT_KEY])
-        step = rt.tail_step(params, select(h, rt.manifest), labels, weight)
-        g = rt.head_vjp(images, params[PROMPT_KEY], scatter_grad(step.grad_input, rt.manifest))
-        params[PROMPT_KEY] -= 1e-4 * g
-        for k, v in step.grads.items():
-            params[k] -= 1e-4 * v
+        local_step(rt, params, images, labels, weight, 1e-4)
         times.append(time.perf_counter() - t0)
     return times
 

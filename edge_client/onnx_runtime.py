@@ -73,6 +73,9 @@ class OnnxDeviceRuntime:
         )
         if missing:
             raise BundleError(f"{self.directory}: manifest lists no graph for {sorted(missing)}")
+        # tail_step outputs loss, logits, grad_tail_input, then grad.<key> for each parameter.
+        outputs = self.manifest.graphs["tail_step"].outputs[3:]
+        self._grad_keys = [s.name.removeprefix("grad.") for s in outputs]
 
     def initial_parameters(self) -> Params:
         """The exported prompt and tail, by bundle key."""
@@ -130,8 +133,7 @@ class OnnxDeviceRuntime:
         feeds = {k: params[k] for k in self.tail_keys}
         feeds.update(tail_input=tail_input, labels=labels, weight=weight)
         loss, logits, grad_input, *grads = self._run("tail_step", feeds)
-        names = [s.name.removeprefix("grad.") for s in self.manifest.graphs["tail_step"].outputs]
-        return TailStepResult(float(loss), logits, grad_input, dict(zip(names[3:], grads)))
+        return TailStepResult(float(loss), logits, grad_input, dict(zip(self._grad_keys, grads)))
 
     def tail_forward(self, params: Params, tail_input: np.ndarray) -> np.ndarray:
         feeds = {k: params[k] for k in self.tail_keys}

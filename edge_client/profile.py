@@ -13,11 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sfprompt.protocol.bundle import PROMPT_KEY
-
+from .local_step import local_step
 from .memory import MemoryProfile, MemoryProfiler
 from .onnx_runtime import OnnxDeviceRuntime
-from .tail_input import scatter_grad, select
 
 
 @dataclass(frozen=True)
@@ -49,17 +47,7 @@ def run_profile(cfg: ProfileConfig) -> MemoryProfile:
             images, labels = synthetic_batch(runtime, cfg.batch)
             weight = np.ones(cfg.batch, dtype=np.float32)
         for _ in range(cfg.steps):
-            with profiler.phase("head_forward"):
-                h = runtime.head_forward(images, params[PROMPT_KEY])
-            with profiler.phase("tail_step"):
-                step = runtime.tail_step(params, select(h, runtime.manifest), labels, weight)
-            with profiler.phase("head_vjp"):
-                grad_h = scatter_grad(step.grad_input, runtime.manifest)
-                grad_prompt = runtime.head_vjp(images, params[PROMPT_KEY], grad_h)
-            with profiler.phase("update"):
-                params[PROMPT_KEY] = params[PROMPT_KEY] - cfg.lr * grad_prompt
-                for key, grad in step.grads.items():
-                    params[key] = params[key] - cfg.lr * grad
+            local_step(runtime, params, images, labels, weight, cfg.lr, profiler.phase)
     if cfg.out is not None:
         write_report(profiler.profile, Path(cfg.out))
     return profiler.profile

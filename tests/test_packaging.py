@@ -22,6 +22,8 @@ NO_TORCH = (
         "sfprompt.protocol.bundle",
         "sfprompt.edge_client",
         "sfprompt.edge_client.onnx_runtime",
+        "sfprompt.edge_client.local_step",
+        "sfprompt.edge_client.profile",
         "sfprompt.edge_client.tail_input",
     ],
 )
