@@ -1,0 +1,52 @@
+"""What the device's training code needs from a runtime, and how to open one by name.
+
+Two runtimes run the same four computations of a device bundle: onnxruntime + numpy (the
+default: no PyTorch on the device) and the TorchScript twins (for devices that have PyTorch,
+e.g. a Jetson). Both take and return numpy arrays, so everything above them is shared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from sfprompt.protocol.bundle import Manifest
+
+from .onnx_runtime import OnnxDeviceRuntime, Params, TailStepResult
+
+RUNTIMES = ("onnx", "torchscript")
+
+
+class DeviceRuntime(Protocol):
+    manifest: Manifest
+    micro_batch: int | None
+
+    @property
+    def tail_keys(self) -> list[str]: ...
+
+    def initial_parameters(self) -> Params: ...
+
+    def head_forward(self, image: np.ndarray, prompt: np.ndarray) -> np.ndarray: ...
+
+    def head_vjp(self, image: np.ndarray, prompt: np.ndarray, grad_h: np.ndarray) -> np.ndarray: ...
+
+    def tail_step(
+        self, params: Params, tail_input: np.ndarray, labels: np.ndarray, weight: np.ndarray
+    ) -> TailStepResult: ...
+
+    def tail_forward(self, params: Params, tail_input: np.ndarray) -> np.ndarray: ...
+
+
+def open_runtime(
+    bundle: Path | str, kind: str = "onnx", threads: int | None = None, micro_batch: int | None = 4
+) -> DeviceRuntime:
+    """Open a device bundle with the named runtime; raises ValueError for an unknown name."""
+    if kind == "onnx":
+        return OnnxDeviceRuntime(bundle, threads, micro_batch)
+    if kind == "torchscript":
+        from .torchscript_runtime import TorchScriptDeviceRuntime  # imports torch
+
+        return TorchScriptDeviceRuntime(bundle, threads, micro_batch)
+    raise ValueError(f"unknown runtime {kind!r}: choose one of {', '.join(RUNTIMES)}")
