@@ -21,6 +21,23 @@ BATCH = "batch"  # the symbolic name of the dynamic batch dimension in every sha
 PROMPT_KEY = "prompt.tokens"  # the prompt's key in every weights file; tail keys start "tail."
 
 
+_CONTRACT_FIELDS = (
+    "protocol_version",
+    "model",
+    "model_args",
+    "num_classes",
+    "prompts",
+    "head_blocks",
+    "tail_blocks",
+    "depth",
+    "embed_dim",
+    "num_prefix_tokens",
+    "num_patches",
+    "tail_input",
+    "parameters",
+)
+
+
 class BundleError(ValueError):
     """A bundle on disk is missing, corrupt, from a newer protocol, or does not fit."""
 
@@ -100,6 +117,12 @@ class Manifest:
     def tokens(self) -> int:
         """Sequence length of h and z: prefix tokens + prompts + patches."""
         return self.num_prefix_tokens + self.prompts + self.num_patches
+
+    def contract_hash(self) -> str:
+        """What device and server bundles of one export share: the model, the cut and the
+        trainable parameters. A device whose hash differs cannot train with this server."""
+        contract = {k: v for k, v in asdict(self).items() if k in _CONTRACT_FIELDS}
+        return hashlib.sha256(json.dumps(contract, sort_keys=True).encode()).hexdigest()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .bundle import Manifest
 from .errors import (
     BAD_DTYPE,
     BAD_FIELD,
@@ -94,6 +95,29 @@ class Expectations:
                 want not in (-1, got) for want, got in zip(spec.shape, array.shape, strict=True)
             ):
                 raise ProtocolError(BAD_SHAPE, spec.name, str(spec.shape), array.shape)
+
+
+def expectations_for(manifest: Manifest) -> Expectations:
+    """The tensor shapes a bundle implies for every message that carries tensors, so that a
+    receiver refuses a wrong shape at the boundary with an ERROR instead of failing later."""
+    tokens, dim = manifest.tokens, manifest.embed_dim
+    h = (-1, tokens, dim)
+    tail = manifest.tail_input
+    z = h if tail is None else tuple(-1 if isinstance(n, str) else int(n) for n in tail.shape)
+    params = tuple(
+        TensorSpec(key, tuple(int(n) for n in spec.shape), spec.dtype)
+        for key, spec in manifest.parameters.items()
+    )
+    return Expectations(
+        {
+            "smashed": (TensorSpec("h", h),),
+            "grad_h": (TensorSpec("grad_h", h),),
+            "body_out": (TensorSpec("z", z),),
+            "grad_z": (TensorSpec("grad_z", z),),
+            "task": params,
+            "update": params,
+        }
+    )
 
 
 # ---- field converters: (to metadata string, from metadata string) ----------------------------

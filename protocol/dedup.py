@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -36,18 +37,25 @@ class CachedReply:
 class ReplyCache:
     """Replies by request key, so a repeated request gets the same answer without rework.
 
-    Bounded by total bytes: the newest reply always stays, older ones go first.
+    Bounded by total bytes: the newest reply always stays, older ones go first. Thread-safe:
+    replies computed later (a batched body call) are filed from another thread.
     """
 
     def __init__(self, max_bytes: int = 128 << 20) -> None:
         self.max_bytes = max_bytes
         self._replies: OrderedDict[tuple[str, str], CachedReply] = OrderedDict()
         self._bytes = 0
+        self._lock = threading.Lock()
 
     def get(self, key: tuple[str, str]) -> CachedReply | None:
-        return self._replies.get(key)
+        with self._lock:
+            return self._replies.get(key)
 
     def put(self, key: tuple[str, str], reply: CachedReply) -> None:
+        with self._lock:
+            self._put(key, reply)
+
+    def _put(self, key: tuple[str, str], reply: CachedReply) -> None:
         old = self._replies.pop(key, None)
         if old is not None:
             self._bytes -= _size(old)

@@ -19,6 +19,10 @@ TOO_LARGE = "too_large"  # over a configured size limit
 NOT_FINITE = "not_finite"  # NaN or Inf in a tensor
 BAD_CHUNK = "bad_chunk"  # chunk set inconsistent or its hash does not match
 INTERNAL = "internal"  # the receiver failed for a reason of its own; the sender did nothing wrong
+# Well-formed messages the receiver's state refuses:
+UNKNOWN_STEP = "unknown_step"  # GRAD_Z for a step the server never saw, already finished or expired
+REJECTED = "rejected"  # an UPDATE that is late, duplicate, for another round or not selected
+BUNDLE_MISMATCH = "bundle_mismatch"  # a JOIN whose bundle does not fit the server's model
 
 CODES = frozenset(
     {
@@ -32,6 +36,9 @@ CODES = frozenset(
         NOT_FINITE,
         BAD_CHUNK,
         INTERNAL,
+        UNKNOWN_STEP,
+        REJECTED,
+        BUNDLE_MISMATCH,
     }
 )
 

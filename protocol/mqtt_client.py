@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,23 @@ log = logging.getLogger(__name__)
 _PACKET_OVERHEAD = 4096  # fixed header, topic, properties: reserved below Maximum Packet Size
 
 
+class Traffic:
+    """Payload bytes sent and received, by message kind (from the topic), for the metrics."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.sent: dict[str, int] = {}
+        self.received: dict[str, int] = {}
+
+    def add(self, direction: dict[str, int], kind: str, size: int) -> None:
+        with self._lock:
+            direction[kind] = direction.get(kind, 0) + size
+
+    def snapshot(self) -> tuple[dict[str, int], dict[str, int]]:
+        with self._lock:
+            return dict(self.sent), dict(self.received)
+
+
 @dataclass
 class _Raw:
     topic: str
@@ -52,6 +70,8 @@ class MqttClient:
         self.config = config
         self.max_packet_bytes: int | None = None  # the broker's Maximum Packet Size (CONNACK)
         self.connects = 0  # successful connections so far: > 1 means it reconnected
+        self.traffic = Traffic()
+        self._connect_hooks: list[Callable[[], None]] = []
         self._handlers: list[tuple[str, Handler]] = []
         self._inbox: queue.Queue[_Raw | None] = queue.Queue()
         self._pending: dict[bytes, queue.Queue[_Raw]] = {}
@@ -157,6 +177,17 @@ class MqttClient:
                     self._resubscribe_mid = mid
                     self._suback[mid] = None
         self._connected.set()
+        for hook in self._connect_hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("a connect hook failed")
+
+    def on_every_connect(self, hook: Callable[[], None]) -> None:
+        """Run `hook` after each (re)connection, e.g. to publish presence again after a broker
+        restart lost retained messages. It runs on paho's network thread, so it must not block:
+        publish with `timeout=None`."""
+        self._connect_hooks.append(hook)
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self._connected.clear()
@@ -208,6 +239,7 @@ class MqttClient:
         if correlation is not None:
             props.CorrelationData = correlation
         infos = [self._client.publish(topic, p, 1, retain, props) for p in packets]
+        self.traffic.add(self.traffic.sent, self._kind_of(topic), sum(len(p) for p in packets))
         if timeout is None:
             return
         deadline = time.monotonic() + timeout
@@ -273,6 +305,7 @@ class MqttClient:
         props = msg.properties
         correlation = getattr(props, "CorrelationData", None)
         raw = _Raw(msg.topic, msg.payload, getattr(props, "ResponseTopic", None), correlation)
+        self.traffic.add(self.traffic.received, self._kind_of(msg.topic), len(msg.payload))
         with self._pending_lock:
             waiter = self._pending.get(correlation) if correlation is not None else None
         if waiter is not None and raw.response_topic is None:
@@ -328,6 +361,25 @@ class MqttClient:
         chunk = decode(raw.payload, self.config.limits)
         assert isinstance(chunk, Chunk)
         return reassembler.add(chunk)
+
+    def respond(self, inbound: Inbound, reply: Message) -> None:
+        """Answer a request later, from any thread: for handlers that return None and reply
+        once the work is done (the server batches body calls across devices). A repeat of the
+        request is then answered from the reply cache, as for a handler's own return value."""
+        if inbound.response_topic is None:
+            return
+        topic, correlation = inbound.response_topic, inbound.correlation
+        packets = self.packets(reply)
+        key = (inbound.message.device_id, inbound.message.msg_id)
+        self._replies.put(key, CachedReply(topic, packets, correlation))
+        self.publish_packets(topic, packets, False, None, correlation, None)
+
+    def _kind_of(self, topic: str) -> str:
+        try:
+            route = self.config.topics.parse(topic)
+        except ValueError:
+            return "other"
+        return route.kind or route.area
 
     def _key(self, payload: bytes | bytearray) -> tuple[str, str]:
         head = peek(payload, self.config.limits)

@@ -62,6 +62,11 @@ class Topics:
         """What the server subscribes to for device traffic."""
         return f"{self.root}/dev/+/up/#"
 
+    def all_up_of(self, kind: str) -> str:
+        """One kind of device traffic from every device (a service handles only its own)."""
+        _check_kind(kind, UP_KINDS)
+        return f"{self.root}/dev/+/up/{kind}"
+
     def all_presence(self) -> str:
         return f"{self.root}/presence/+"
 
