@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -71,3 +71,26 @@ def presence_will(device_id: str, topics: Topics | None = None) -> tuple[str, by
     """The Last Will of a device: its presence, offline, retained."""
     topic = (topics or Topics()).presence(device_id)
     return topic, encode(Presence(device_id=device_id, online=False))
+
+
+def connection_config(
+    url: str,
+    client_id: str,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    **options: Any,
+) -> ClientConfig:
+    """A ClientConfig from command-line style settings: flags override the URL's user and
+    password, and a CA file switches TLS on (an mqtt:// URL becomes mqtts:// semantics)."""
+    if tls_ca is not None:
+        options["tls"] = TlsFiles(tls_ca, tls_cert, tls_key)
+    elif tls_cert or tls_key:
+        raise ValueError("--tls-cert and --tls-key need --tls-ca (the broker's CA certificate)")
+    cfg = ClientConfig.from_url(url, client_id, **options)
+    if username is not None:
+        cfg = replace(cfg, username=username, password=password)
+    return cfg

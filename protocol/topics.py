@@ -1,7 +1,7 @@
 """The topic tree, built in one place (the broker ACL is generated from it too).
 
     sfp/v1/dev/{device_id}/up/{kind}     device -> server: join, smashed, grad_z, update, error
-    sfp/v1/dev/{device_id}/down/{kind}   server -> one device: task, body_out, grad_h, error
+    sfp/v1/dev/{device_id}/down/{kind}   server -> one device: task, body_out, grad_h, status, error
     sfp/v1/broadcast/{kind}              server -> every device: task
     sfp/v1/presence/{device_id}          retained Presence; the device's Last Will
     sfp/v1/server/status                 retained ServerStatus
@@ -19,7 +19,7 @@ from .messages import check_device_id
 from .version import PROTOCOL_VERSION
 
 UP_KINDS = ("join", "smashed", "grad_z", "update", "error")
-DOWN_KINDS = ("task", "body_out", "grad_h", "error")
+DOWN_KINDS = ("task", "body_out", "grad_h", "status", "error")
 BROADCAST_KINDS = ("task",)
 
 
