@@ -1,0 +1,241 @@
+"""Sample-weighted FedAvg of prompt + tail, the checks an UPDATE must pass, and one round's inbox.
+
+The arithmetic is a pure numpy function (Flower's layout): the round loop only coordinates. An
+update is checked completely before it may join the average, because one NaN or one transposed
+tensor from one device would otherwise poison the global model of every device.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import NoReturn
+
+import numpy as np
+
+Params = dict[str, np.ndarray]  # "prompt.tokens" and "tail...." -> float32 arrays
+
+PARAM_DTYPE = np.dtype(np.float32)
+
+# Reason codes of UpdateRejected; stable strings for logs and metrics.
+WRONG_ROUND = "wrong_round"  # the update names another round (usually a stale one)
+LATE = "late"  # it arrived after the round's deadline, or after the inbox was closed
+DUPLICATE = "duplicate"  # the device already reported this round
+NOT_SELECTED = "not_selected"  # the device was not asked to train this round
+WRONG_KEYS = "wrong_keys"  # missing or extra parameter names
+WRONG_SHAPE = "wrong_shape"
+WRONG_DTYPE = "wrong_dtype"  # not a float32 numpy array
+NON_FINITE = "non_finite"  # NaN or Inf anywhere
+NO_SAMPLES = "no_samples"  # sample count <= 0 (or not an integer): it would get no weight
+
+REASONS = frozenset(
+    {
+        WRONG_ROUND,
+        LATE,
+        DUPLICATE,
+        NOT_SELECTED,
+        WRONG_KEYS,
+        WRONG_SHAPE,
+        WRONG_DTYPE,
+        NON_FINITE,
+        NO_SAMPLES,
+    }
+)
+
+
+class UpdateRejected(ValueError):
+    """A device's update cannot join the average; `reason` is one of REASONS."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        if reason not in REASONS:
+            raise ValueError(
+                f"unknown rejection reason {reason!r}; expected one of {sorted(REASONS)}"
+            )
+        self.reason = reason
+        self.detail = message
+        super().__init__(f"[{reason}] {message}")
+
+
+def check_update(
+    global_params: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray], samples: int
+) -> None:
+    """Raise UpdateRejected unless `params` matches the global keys, shapes and dtype, is finite
+    everywhere, and `samples` is a positive integer."""
+    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples <= 0:
+        raise UpdateRejected(NO_SAMPLES, f"sample count must be an integer > 0, got {samples!r}")
+    missing = sorted(set(global_params) - set(params))
+    extra = sorted(set(params) - set(global_params))
+    if missing or extra:
+        raise UpdateRejected(WRONG_KEYS, f"missing keys {missing}, unexpected keys {extra}")
+    for key, reference in global_params.items():
+        value = params[key]
+        if not isinstance(value, np.ndarray):
+            raise UpdateRejected(
+                WRONG_DTYPE, f"{key}: expected a numpy array, got {type(value).__name__}"
+            )
+        if value.shape != reference.shape:
+            raise UpdateRejected(
+                WRONG_SHAPE, f"{key}: expected shape {reference.shape}, got {value.shape}"
+            )
+        if value.dtype != PARAM_DTYPE:
+            raise UpdateRejected(WRONG_DTYPE, f"{key}: expected {PARAM_DTYPE}, got {value.dtype}")
+        if not np.isfinite(value).all():
+            bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+            raise UpdateRejected(NON_FINITE, f"{key}: {bad} of {value.size} values are NaN or Inf")
+
+
+def fedavg(
+    global_params: Mapping[str, np.ndarray],
+    updates: Sequence[tuple[Params, int]],
+    server_lr: float = 1.0,
+) -> Params:
+    """new = old + server_lr * sum_i w_i (client_i - old), with w_i = n_i / sum_j n_j.
+
+    Pure: inputs are never written; every returned array is new. The sum runs in float64 so that
+    the result does not depend on the order of the updates beyond float64 rounding. server_lr = 1
+    is plain FedAvg (the sample-weighted mean of the clients). Raises ValueError for an empty
+    list, a non-float32 global parameter or a server_lr that is not finite and > 0, and
+    UpdateRejected (a ValueError) for an update that fails check_update.
+    """
+    if not updates:
+        raise ValueError("fedavg needs at least one update, got none")
+    if not (math.isfinite(server_lr) and server_lr > 0):
+        raise ValueError(f"server_lr must be finite and > 0, got {server_lr!r}")
+    for key, value in global_params.items():
+        if not isinstance(value, np.ndarray) or value.dtype != PARAM_DTYPE:
+            got = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+            raise ValueError(f"global parameter {key}: expected {PARAM_DTYPE}, got {got}")
+    for index, (params, samples) in enumerate(updates):
+        try:
+            check_update(global_params, params, samples)
+        except UpdateRejected as error:
+            raise UpdateRejected(error.reason, f"update {index}: {error.detail}") from None
+    total = sum(int(samples) for _, samples in updates)  # Python int: no overflow
+    weights = [int(samples) / total for _, samples in updates]
+    new: Params = {}
+    for key, old in global_params.items():
+        old64 = old.astype(np.float64)
+        step = np.zeros_like(old64)
+        for (params, _), weight in zip(updates, weights):
+            step += weight * (params[key].astype(np.float64) - old64)
+        new[key] = (old64 + server_lr * step).astype(PARAM_DTYPE)
+    return new
+
+
+class RoundInbox:
+    """Collects the UPDATEs of one round: a handler thread offers, the round loop waits.
+
+    A device reports once per round: its first offer that names this round and arrives in time
+    is final, whether accepted or refused for its content (a device that sent NaNs is not awaited
+    any more, and a resend is a duplicate). Offers naming another round, or from devices not
+    selected, are refused without counting as a report. `deadline` is on the time.monotonic()
+    clock. Accepted parameters are kept by reference; fedavg never writes them.
+    """
+
+    def __init__(
+        self, round: int, selected: set[str], global_params: Params, deadline: float
+    ) -> None:
+        if not selected:
+            raise ValueError(f"round {round}: no devices selected, nothing to wait for")
+        if not math.isfinite(deadline):
+            raise ValueError(f"round {round}: deadline must be finite, got {deadline!r}")
+        self.round = round
+        self.selected = frozenset(selected)
+        self.global_params = global_params
+        self.deadline = deadline
+        self._cond = threading.Condition()
+        self._claimed: set[str] = set()  # reported, or being checked right now
+        self._reported: set[str] = set()  # accepted or refused for content: final
+        self._dropped: set[str] = set()
+        self._accepted: dict[str, tuple[Params, int]] = {}
+        self._rejected: list[tuple[str, str]] = []
+        self._closed = False
+
+    def offer(
+        self, device_id: str, round: int, params: Params, samples: int, now: float | None = None
+    ) -> None:
+        """Accept one device's update or raise UpdateRejected (also recorded in `rejected`)."""
+        arrived = time.monotonic() if now is None else now
+        with self._cond:
+            if round != self.round:
+                self._refuse(
+                    device_id, WRONG_ROUND, f"inbox is for round {self.round}, got {round}"
+                )
+            if device_id not in self.selected:
+                self._refuse(
+                    device_id, NOT_SELECTED, f"{device_id!r} was not selected in round {round}"
+                )
+            if device_id in self._claimed:
+                self._refuse(
+                    device_id, DUPLICATE, f"{device_id!r} already reported in round {round}"
+                )
+            if self._closed or arrived > self.deadline:
+                late = "inbox closed" if self._closed else f"{arrived - self.deadline:.3f} s late"
+                self._refuse(device_id, LATE, f"{device_id!r} in round {round}: {late}")
+            self._claimed.add(device_id)  # a concurrent resend is a duplicate
+        try:
+            check_update(self.global_params, params, samples)  # outside the lock: can be slow
+        except UpdateRejected as error:
+            with self._cond:
+                self._rejected.append((device_id, error.reason))
+                self._reported.add(device_id)
+                self._cond.notify_all()
+            raise UpdateRejected(error.reason, f"{device_id!r}: {error.detail}") from None
+        with self._cond:
+            if self._closed:  # the round was aggregated while this update was being checked
+                self._reported.add(device_id)
+                self._refuse(device_id, LATE, f"{device_id!r} in round {round}: inbox closed")
+            self._accepted[device_id] = (params, int(samples))
+            self._reported.add(device_id)
+            self._cond.notify_all()
+
+    def drop(self, device_id: str) -> None:
+        """Stop waiting for a device that went offline; an update already accepted stays."""
+        with self._cond:
+            self._dropped.add(device_id)
+            self._cond.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every device still expected has reported (True) or until the deadline or
+        `timeout` passes (False)."""
+        end = self.deadline if timeout is None else min(self.deadline, time.monotonic() + timeout)
+        with self._cond:
+            while not self._complete():
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def close(self) -> None:
+        """Refuse every later offer as late: call before aggregating `accepted`."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def pending(self) -> set[str]:
+        """Selected devices still expected: not reported and not dropped."""
+        with self._cond:
+            return set(self.selected - self._reported - self._dropped)
+
+    @property
+    def accepted(self) -> dict[str, tuple[Params, int]]:
+        with self._cond:
+            return dict(self._accepted)
+
+    @property
+    def rejected(self) -> list[tuple[str, str]]:
+        """(device, reason) for every refused offer, in arrival order."""
+        with self._cond:
+            return list(self._rejected)
+
+    def _complete(self) -> bool:
+        return self.selected - self._dropped <= self._reported
+
+    def _refuse(self, device_id: str, reason: str, message: str) -> NoReturn:
+        self._rejected.append((device_id, reason))
+        raise UpdateRejected(reason, message)
