@@ -1,0 +1,365 @@
+"""A device's (or the server's) labelled images, read lazily from the formats users have.
+
+`load_image_set` recognises an ImageFolder tree, CIFAR-10 / CIFAR-100 binary batches and .npz
+arrays. Nothing is preprocessed up front: a Raspberry Pi holding 50,000 CIFAR images keeps them
+as uint8 (memory-mapped, for CIFAR files) and normalises one batch at a time.
+
+Bad files never stop a run: an image Pillow cannot decode, or a CIFAR file cut short, is named
+through `on_skip` and left out when the set is loaded, so training never meets it. A data set
+that cannot be used at all (an .npz without its arrays, nothing left) raises `DataError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import DataError
+from .transforms import EvalTransform, to_pil
+
+_log = logging.getLogger(__name__)
+
+# torchvision's IMG_EXTENSIONS, so that an ImageFolder holds the same files as torchvision's.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SPLITS = ("train", "val", "test")
+CIFAR_PIXELS = 3 * 32 * 32  # one record's image: R, G, B planes of 32 x 32, row-major
+
+
+class ImageSet:
+    """Labelled images behind one interface, whatever the files.
+
+    Images stay where they are (image files, a memory-mapped CIFAR file, an in-memory uint8
+    array); `preprocessed` turns only the requested ones into model input.
+    """
+
+    def __init__(
+        self,
+        source: _FileSource | _ArraySource,
+        rows: np.ndarray,
+        labels: np.ndarray,
+        classes: Sequence[str],
+        description: str,
+    ) -> None:
+        self._source = source
+        self._rows = rows  # (N,) rows of `source` in this set
+        self.labels = labels  # (N,) int64
+        self.classes = list(classes)
+        self.description = description
+
+    @classmethod
+    def from_arrays(
+        cls,
+        images: np.ndarray,
+        labels: np.ndarray,
+        classes: Sequence[str] | None = None,
+        description: str = "arrays",
+    ) -> ImageSet:
+        """A set over (N, H, W[, C]) uint8 or [0, 1] float images and (N,) int labels.
+
+        Floats are stored as uint8 (rounded), a quarter of the memory; raises `DataError` for
+        shapes, dtypes or labels that do not fit.
+        """
+        pixels = _as_uint8(np.asarray(images), description)
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(
+                f"{description}: labels must be (N,) integers, got {labels.dtype} {labels.shape}"
+            )
+        if len(labels) != len(pixels):
+            raise DataError(f"{description}: {len(pixels)} images but {len(labels)} labels")
+        if len(labels) and labels.min() < 0:
+            raise DataError(f"{description}: labels must be >= 0, got {labels.min()}")
+        n_classes = int(labels.max()) + 1 if len(labels) else 0
+        if classes is None:
+            classes = [str(i) for i in range(n_classes)]
+        elif n_classes > len(classes):
+            raise DataError(
+                f"{description}: label {n_classes - 1} but only {len(classes)} class names"
+            )
+        rows = np.arange(len(labels), dtype=np.int64)
+        return cls(_ArraySource([pixels]), rows, labels.astype(np.int64), classes, description)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __repr__(self) -> str:
+        return f"ImageSet({self.description}: {len(self)} images, {len(self.classes)} classes)"
+
+    def image(self, i: int) -> Image.Image:
+        """Image `i` as an RGB Pillow image."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"image {i} out of range for {len(self)} images")
+        return self._source.image(int(self._rows[i]))
+
+    def preprocessed(self, indices: np.ndarray, transform: EvalTransform) -> np.ndarray:
+        """(len(indices), 3, H, W) float32 model input for the given images.
+
+        Array-backed sets use `transform.from_uint8` (native-size images are only normalised);
+        image files go through the full eval transform one by one.
+        """
+        rows = self._rows[self._check_indices(indices)]
+        if isinstance(self._source, _ArraySource):
+            return transform.from_uint8(self._source.pixels(rows))
+        return transform.batch([self._source.image(int(r)) for r in rows])
+
+    def subset(self, indices: np.ndarray) -> ImageSet:
+        """The images at `indices` (in that order), sharing this set's files and class names."""
+        picked = self._check_indices(indices)
+        return ImageSet(
+            self._source,
+            self._rows[picked],
+            self.labels[picked],
+            self.classes,
+            self.description,
+        )
+
+    def _check_indices(self, indices: np.ndarray) -> np.ndarray:
+        idx = np.asarray(indices)
+        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+            raise IndexError(f"indices must be a 1-D integer array, got {idx.dtype} {idx.shape}")
+        if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise IndexError(
+                f"indices span [{idx.min()}, {idx.max()}], out of range for {len(self)} images"
+            )
+        return idx.astype(np.int64)
+
+
+class _FileSource:
+    """One image file per row, decoded when asked for."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+
+    def image(self, row: int) -> Image.Image:
+        path = self.paths[row]
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except Exception as err:  # checked at load time: the file changed since
+            raise DataError(f"cannot read image {path}: {err}") from err
+
+
+class _ArraySource:
+    """(n_k, H, W[, C]) uint8 chunks (arrays or memory maps), addressed as one array."""
+
+    def __init__(self, chunks: list[np.ndarray]) -> None:
+        self.chunks = chunks
+        self.starts = np.cumsum([0] + [len(c) for c in chunks])  # (K + 1,)
+
+    def pixels(self, rows: np.ndarray) -> np.ndarray:
+        """The uint8 images at `rows`, read from their chunks (only those rows are touched)."""
+        first = self.chunks[0]
+        out = np.empty((len(rows), *first.shape[1:]), np.uint8)
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        for k, chunk in enumerate(self.chunks):
+            mask = which == k
+            if mask.any():
+                out[mask] = chunk[rows[mask] - self.starts[k]]
+        return out
+
+    def image(self, row: int) -> Image.Image:
+        return to_pil(self.pixels(np.array([row]))[0])
+
+
+def load_image_set(
+    path: Path | str,
+    *,
+    split: str = "train",
+    on_skip: Callable[[str], None] | None = None,
+) -> ImageSet:
+    """Load the data set at `path`, whose format is recognised from its files.
+
+    - an `.npz` file with `images`, `labels` and optional `classes`, or a directory holding
+      `<split>.npz`;
+    - CIFAR-10 binary (`data_batch_*.bin`, `test_batch.bin`) or CIFAR-100 binary (`train.bin`,
+      `test.bin`), in `path` or in its `cifar-10-batches-bin` / `cifar-100-binary` folder;
+    - an ImageFolder: one folder per class (sorted by name, as torchvision does), or such a tree
+      under `path/<split>` when `path` holds only split folders. A plain ImageFolder has no
+      splits, and `split` is not used.
+
+    Skipped files are named through `on_skip` (default: a logged warning). Raises `DataError`
+    for an unknown layout, an unusable .npz, or when no image is left.
+    """
+    path = Path(path)
+    report = on_skip if on_skip is not None else _log.warning
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {SPLITS}, got {split!r}")
+    if path.is_file():
+        if path.suffix.lower() != ".npz":
+            raise DataError(f"{path} is a file but not an .npz; give an .npz or a directory")
+        found = _load_npz(path)
+    elif not path.is_dir():
+        raise DataError(f"no data set at {path}: no such file or directory")
+    elif npz := [p for p in path.iterdir() if p.suffix == ".npz"]:
+        wanted = path / f"{split}.npz"
+        if not wanted.is_file():
+            raise DataError(f"{path} holds {sorted(p.name for p in npz)} but no {wanted.name}")
+        found = _load_npz(wanted)
+    elif (cifar := _cifar_dir(path)) is not None:
+        found = _load_cifar(cifar, split, report)
+    else:
+        found = _load_image_folder(_split_dir(path, split), report)
+    if len(found) == 0:
+        raise DataError(f"no usable images in {path} (split {split!r})")
+    return found
+
+
+def _as_uint8(images: np.ndarray, where: str) -> np.ndarray:
+    """Check (N, H, W[, C]) images and store [0, 1] floats as uint8."""
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3, 4)):
+        raise DataError(
+            f"{where}: images must be (N, H, W) or (N, H, W, C), C = 1, 3 or 4; got {images.shape}"
+        )
+    if images.dtype == np.uint8:
+        return images
+    if not np.issubdtype(images.dtype, np.floating):
+        raise DataError(f"{where}: images must be uint8 or float in [0, 1], got {images.dtype}")
+    if images.size and not (np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1):
+        raise DataError(
+            f"{where}: float images must lie in [0, 1] (no NaN), got {images.min()}..{images.max()}"
+        )
+    return np.rint(images * 255).astype(np.uint8)
+
+
+def _load_npz(path: Path) -> ImageSet:
+    """Arrays from an .npz, never unpickled (`classes` must be a string array)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in ("images", "labels") if k not in npz.files]
+            if missing:
+                raise DataError(f"{path} lacks array(s) {missing}; it holds {npz.files}")
+            images, labels = npz["images"], npz["labels"]
+            classes = [str(c) for c in npz["classes"]] if "classes" in npz.files else None
+    except DataError:
+        raise
+    except Exception as err:  # a zip or array numpy cannot read, an object array
+        raise DataError(f"cannot read {path}: {err}") from err
+    return ImageSet.from_arrays(images, labels, classes, description=str(path))
+
+
+def _cifar_dir(path: Path) -> Path | None:
+    """The folder holding CIFAR binary batches: `path` itself or its extracted-archive folder."""
+    markers = ("test_batch.bin", "train.bin", "test.bin")
+    for folder in (path, path / "cifar-10-batches-bin", path / "cifar-100-binary"):
+        if any((folder / name).is_file() for name in markers) or any(
+            folder.glob("data_batch_*.bin")
+        ):
+            return folder
+    return None
+
+
+def _load_cifar(folder: Path, split: str, report: Callable[[str], None]) -> ImageSet:
+    """CIFAR-10 (label byte + 3072) or CIFAR-100 (coarse, fine label bytes + 3072) records."""
+    cifar10 = (folder / "test_batch.bin").is_file() or any(folder.glob("data_batch_*.bin"))
+    if split == "val":
+        raise DataError(f"CIFAR in {folder} has only train and test splits, not 'val'")
+    if cifar10:
+        names_file, n_classes, label_col = "batches.meta.txt", 10, 0
+        files = sorted(folder.glob("data_batch_*.bin"), key=_batch_number)
+        files = files if split == "train" else [folder / "test_batch.bin"]
+    else:
+        names_file, n_classes, label_col = "fine_label_names.txt", 100, 1
+        files = [folder / f"{split}.bin"]
+    header = label_col + 1
+    record = header + CIFAR_PIXELS
+    chunks, labels = [], []
+    for file in files:
+        if not file.is_file():
+            raise DataError(f"CIFAR folder {folder} has no {file.name} for split {split!r}")
+        size = file.stat().st_size
+        if size == 0 or size % record:
+            report(f"skipped {file}: {size} bytes is not a whole number of {record}-byte records")
+            continue
+        raw = np.memmap(file, np.uint8, mode="r", shape=(size // record, record))
+        file_labels = np.array(raw[:, label_col], np.int64)
+        if file_labels.max() >= n_classes:
+            report(f"skipped {file}: label {file_labels.max()} >= {n_classes}, not a CIFAR file")
+            continue
+        # (n, 3, 32, 32) planes -> (n, 32, 32, 3), still a view of the file
+        chunks.append(raw[:, header:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(file_labels)
+    if not chunks:
+        raise DataError(f"no usable CIFAR file in {folder} for split {split!r}")
+    all_labels = np.concatenate(labels)
+    rows = np.arange(len(all_labels), dtype=np.int64)
+    classes = _class_names(folder / names_file, n_classes, report)
+    return ImageSet(_ArraySource(chunks), rows, all_labels, classes, str(folder))
+
+
+def _batch_number(path: Path) -> int:
+    suffix = path.stem.rsplit("_", 1)[-1]
+    return int(suffix) if suffix.isdigit() else 0
+
+
+def _class_names(file: Path, n_classes: int, report: Callable[[str], None]) -> list[str]:
+    """Names from CIFAR's label-names file, or the label numbers when it is missing or odd."""
+    if file.is_file():
+        names = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+        if len(names) == n_classes:
+            return names
+        report(f"ignored {file}: {len(names)} names for {n_classes} classes")
+    return [str(i) for i in range(n_classes)]
+
+
+def _split_dir(path: Path, split: str) -> Path:
+    """`path/<split>` when `path` holds only split folders (train/val/test), else `path`."""
+    folders = {p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    if folders and folders <= set(SPLITS):
+        if split not in folders:
+            raise DataError(f"{path} has split folders {sorted(folders)} but no {split!r}")
+        return path / split
+    return path
+
+
+def _load_image_folder(root: Path, report: Callable[[str], None]) -> ImageSet:
+    """torchvision's ImageFolder walk (classes and files sorted), each file checked by decoding."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(f"no data set found in {root}: no .npz, CIFAR .bin files or class folders")
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        found = 0
+        for folder, _, files in sorted(os.walk(root / name, followlinks=True)):
+            for file in sorted(files):
+                if file.startswith(".") or not file.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                path = Path(folder) / file
+                problem = _image_problem(path)
+                if problem:
+                    report(f"skipped {path}: {problem}")
+                    continue
+                paths.append(path)
+                labels.append(label)
+                found += 1
+        if not found:
+            report(f"class folder {root / name} holds no readable image")
+    return ImageSet(
+        _FileSource(paths),
+        np.arange(len(paths), dtype=np.int64),
+        np.array(labels, np.int64),
+        classes,
+        str(root),
+    )
+
+
+def _image_problem(path: Path) -> str | None:
+    """Why Pillow cannot decode `path`, or None.
+
+    `verify` alone misses a truncated JPEG or BMP, so the image is also decoded (JPEG at 1/8
+    scale: a truncated stream still fails, at a fraction of the cost).
+    """
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            im.draft(im.mode, (1, 1))
+            im.load()
+    except Exception as err:  # Pillow raises many types for bad data; any of them means skip
+        return f"{type(err).__name__}: {err}"
+    return None

@@ -1,0 +1,90 @@
+"""The device's self-update phase keeps exactly the highest-EL2N samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sfprompt.data.datasets import load_image_set
+from sfprompt.data.transforms import EvalTransform
+from sfprompt.edge_client.onnx_runtime import OnnxDeviceRuntime
+from sfprompt.edge_client.optimizer import Sgd
+from sfprompt.edge_client.phases import LocalData, RoundAborted, self_update
+from sfprompt.export.split_vit import select_tail_input
+from sfprompt.protocol.bundle import PROMPT_KEY
+from sfprompt.protocol.messages import PhaseSettings
+from tests.federation.harness import eager_split, write_shards
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, small_export):
+    root = tmp_path_factory.mktemp("phases")
+    result = small_export
+    (shard,) = write_shards(root / "data", devices=1, per_device=40)
+    runtime = OnnxDeviceRuntime(result.device_dir)
+    data = LocalData(load_image_set(shard), EvalTransform.from_config(result.device.preprocess))
+    return result, runtime, data
+
+
+def settings(**changes: float) -> PhaseSettings:
+    base = dict(keep_ratio=0.3, local_epochs=1, local_lr=0.0, split_lr=0.0, deadline=1e11)
+    return PhaseSettings(**{**base, **changes}, batch_size=8)  # type: ignore[arg-type]
+
+
+def torch_el2n(result, data: LocalData) -> np.ndarray:
+    """EL2N of head -> tail (no body) in eager PyTorch, from the server bundle's weights."""
+    split, params = eager_split(result)
+    x, y = data.batch(np.arange(len(data)))
+    with torch.no_grad():
+        h = split.head(torch.from_numpy(x), params[PROMPT_KEY])
+        logits = split.tail(select_tail_input(h, split.tail_input, split.skip_tokens))
+        probs = torch.softmax(logits.double(), dim=1)
+        onehot = torch.nn.functional.one_hot(torch.from_numpy(y), probs.shape[1])
+        return torch.linalg.vector_norm(probs - onehot, dim=1).numpy()
+
+
+@pytest.mark.parametrize("local_epochs", [1, 0])
+def test_kept_samples_are_exactly_the_highest_el2n(setup, local_epochs: int) -> None:
+    """With lr 0 the training pass scores the data at fixed weights (and with no local epoch a
+    forward-only pass does): the kept set must be the top 30% of an independent computation."""
+    result, runtime, data = setup
+    params = runtime.initial_parameters()
+    out = self_update(
+        runtime,
+        params,
+        data,
+        settings(local_epochs=local_epochs),
+        Sgd(0.0),
+        np.random.default_rng(0),
+    )
+    reference = torch_el2n(result, data)
+    np.testing.assert_allclose(out.scores, reference, rtol=1e-4, atol=1e-5)
+    expected = np.sort(np.argsort(-reference, kind="stable")[:12])  # ceil(0.3 * 40)
+    assert out.kept.tolist() == expected.tolist()
+    assert len(set(out.kept)) == 12
+
+
+def test_self_update_trains_and_stops_when_asked(setup) -> None:
+    _, runtime, data = setup
+    params = runtime.initial_parameters()
+    before = {k: v.copy() for k, v in params.items()}
+    self_update(
+        runtime,
+        params,
+        data,
+        settings(local_lr=0.1, keep_ratio=1.0),
+        Sgd(0.1),
+        np.random.default_rng(0),
+    )
+    assert not np.array_equal(params[PROMPT_KEY], before[PROMPT_KEY])
+    with pytest.raises(RoundAborted):
+        self_update(
+            runtime,
+            params,
+            data,
+            settings(),
+            Sgd(0.1),
+            np.random.default_rng(0),
+            should_stop=lambda: True,
+        )
