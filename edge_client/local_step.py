@@ -13,24 +13,27 @@ import numpy as np
 
 from sfprompt.protocol.bundle import PROMPT_KEY
 
-from .onnx_runtime import OnnxDeviceRuntime, Params, TailStepResult
+from .onnx_runtime import Params, TailStepResult
+from .optimizer import Sgd
+from .runtime import DeviceRuntime
 from .tail_input import scatter_grad, select
+
+Phase = Callable[[str], AbstractContextManager[object]]
 
 
 def _no_phase(name: str) -> AbstractContextManager[object]:
     return nullcontext()
 
 
-def local_step(
-    runtime: OnnxDeviceRuntime,
+def local_gradients(
+    runtime: DeviceRuntime,
     params: Params,
     images: np.ndarray,
     labels: np.ndarray,
     weight: np.ndarray,
-    lr: float,
-    phase: Callable[[str], AbstractContextManager[object]] = _no_phase,
-) -> TailStepResult:
-    """Update `params` in place by one SGD step on the local loss; returns the tail step."""
+    phase: Phase = _no_phase,
+) -> tuple[TailStepResult, Params]:
+    """The tail step (loss, logits before the update) and the gradient of every parameter."""
     with phase("head_forward"):
         h = runtime.head_forward(images, params[PROMPT_KEY])
     with phase("tail_step"):
@@ -38,8 +41,21 @@ def local_step(
     with phase("head_vjp"):
         grad_h = scatter_grad(step.grad_input, runtime.manifest)
         grad_prompt = runtime.head_vjp(images, params[PROMPT_KEY], grad_h)
+    return step, {PROMPT_KEY: grad_prompt, **step.grads}
+
+
+def local_step(
+    runtime: DeviceRuntime,
+    params: Params,
+    images: np.ndarray,
+    labels: np.ndarray,
+    weight: np.ndarray,
+    lr: float | Sgd,
+    phase: Phase = _no_phase,
+) -> TailStepResult:
+    """Update `params` in place by one step on the local loss (plain SGD for a float `lr`)."""
+    step, grads = local_gradients(runtime, params, images, labels, weight, phase)
+    optimizer = lr if isinstance(lr, Sgd) else Sgd(lr)
     with phase("update"):
-        params[PROMPT_KEY] -= lr * grad_prompt
-        for key, grad in step.grads.items():
-            params[key] -= lr * grad
+        optimizer.step(params, grads)
     return step

@@ -2,20 +2,25 @@
 
 One training step of each phase, repeated: head forward, tail step (with the local loss's
 select and scatter), head VJP, and an SGD update of prompt + tail. The figures tell a user
-whether a device can hold a bundle at a batch size before it joins a federation.
+whether a device can hold a bundle at a batch size before it joins a federation. Either
+runtime can be profiled; with a memory budget the head's micro-batch is chosen first (see
+`memory_budget`), so the profile shows the setting the device would train with.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .local_step import local_step
 from .memory import MemoryProfile, MemoryProfiler
-from .onnx_runtime import OnnxDeviceRuntime
+from .memory_budget import MicroBatchChoice, choose_micro_batch
+from .runtime import RUNTIMES, DeviceRuntime, open_runtime
 
 
 @dataclass(frozen=True)
@@ -24,12 +29,36 @@ class ProfileConfig:
     batch: int = 8
     steps: int = 5
     threads: int | None = None
-    micro_batch: int | None = 4
+    micro_batch: int | None = 4  # ignored when a memory budget chooses it
     lr: float = 1e-4
     out: Path | None = None
+    runtime: str = "onnx"  # or "torchscript"
+    memory_budget_mb: float | None = None  # peak RSS allowed; None: use `micro_batch`
 
 
-def synthetic_batch(runtime: OnnxDeviceRuntime, batch: int, seed: int = 0):
+@dataclass
+class ProfileResult(MemoryProfile):
+    """The memory profile, and the runtime and micro-batch it was taken with."""
+
+    runtime: str = "onnx"
+    micro_batch: int | None = None
+    budget: MicroBatchChoice | None = None  # how the micro-batch was chosen, if it was
+
+    def to_dict(self) -> dict[str, Any]:
+        budget = None if self.budget is None else asdict(self.budget)
+        if budget is not None:  # a candidate the OOM killer ended has no peak: null, not inf
+            budget["measured"] = {
+                k: v if math.isfinite(v) else None for k, v in budget["measured"].items()
+            }
+        return {
+            "runtime": self.runtime,
+            "micro_batch": self.micro_batch,
+            "budget": budget,
+            **super().to_dict(),
+        }
+
+
+def synthetic_batch(runtime: DeviceRuntime, batch: int, seed: int = 0):
     """Random images and labels of the bundle's input size."""
     rng = np.random.default_rng(seed)
     channels, height, width = runtime.manifest.preprocess["input_size"]
@@ -38,22 +67,41 @@ def synthetic_batch(runtime: OnnxDeviceRuntime, batch: int, seed: int = 0):
     return images, labels
 
 
-def run_profile(cfg: ProfileConfig) -> MemoryProfile:
-    """Run `cfg.steps` device steps under the memory profiler; write JSON and PNG to `out`."""
+def run_profile(cfg: ProfileConfig) -> ProfileResult:
+    """Run `cfg.steps` device steps under the memory profiler; write JSON and PNG to `out`.
+
+    Raises ValueError for an unknown runtime, `MemoryBudgetError` when no micro-batch fits
+    the budget, `BundleError` for a bad bundle.
+    """
+    if cfg.runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {cfg.runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    micro_batch, choice = cfg.micro_batch, None
+    if cfg.memory_budget_mb is not None:
+        choice = choose_micro_batch(
+            cfg.bundle, cfg.runtime, cfg.batch, cfg.memory_budget_mb, cfg.threads
+        )
+        micro_batch = choice.micro_batch
     with MemoryProfiler() as profiler:
         with profiler.phase("load"):
-            runtime = OnnxDeviceRuntime(cfg.bundle, cfg.threads, cfg.micro_batch)
+            runtime = open_runtime(cfg.bundle, cfg.runtime, cfg.threads, micro_batch)
             params = runtime.initial_parameters()
             images, labels = synthetic_batch(runtime, cfg.batch)
             weight = np.ones(cfg.batch, dtype=np.float32)
         for _ in range(cfg.steps):
             local_step(runtime, params, images, labels, weight, cfg.lr, profiler.phase)
+    result = ProfileResult(
+        phases=profiler.profile.phases,
+        timeline=profiler.profile.timeline,
+        runtime=cfg.runtime,
+        micro_batch=micro_batch,
+        budget=choice,
+    )
     if cfg.out is not None:
-        write_report(profiler.profile, Path(cfg.out))
-    return profiler.profile
+        write_report(result, Path(cfg.out))
+    return result
 
 
-def write_report(profile: MemoryProfile, out: Path) -> None:
+def write_report(profile: ProfileResult, out: Path) -> None:
     """profile.json and a PNG timeline of RSS coloured by phase."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.json").write_text(json.dumps(profile.to_dict(), indent=2))
@@ -70,7 +118,12 @@ def write_report(profile: MemoryProfile, out: Path) -> None:
             ax.scatter(ts, rss, s=4, label=name)
     ax.set_xlabel("seconds")
     ax.set_ylabel("RSS (MB)")
-    ax.set_title(f"device memory by phase (peak {profile.peak_rss_mb:.0f} MB)")
+    if profile.budget is not None:
+        ax.axhline(profile.budget.budget_mb, color="red", linestyle="--", label="budget")
+    ax.set_title(
+        f"device memory by phase, {profile.runtime}, micro-batch {profile.micro_batch or 'all'} "
+        f"(peak {profile.peak_rss_mb:.0f} MB)"
+    )
     ax.legend(markerscale=3)
     fig.tight_layout()
     fig.savefig(out / "memory_timeline.png", dpi=110)

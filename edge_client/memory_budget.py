@@ -1,0 +1,221 @@
+"""Choose the largest head micro-batch whose training step fits a device's memory budget.
+
+Each candidate is measured in a fresh child process that opens the bundle and runs local steps
+on synthetic input: the parent's own memory (and a torch it may have imported) must not count,
+and a peak cannot be undone within one process. The peak is the kernel's high-water mark of
+the child's resident set (VmHWM), which, unlike a sampler, misses no short spike and, unlike
+`ru_maxrss`, does not inherit the parent's peak across fork + exec.
+
+Peak memory grows with the micro-batch, so the smallest candidate is measured first (if it
+does not fit, nothing does) and then the others from the largest down, stopping at the first
+that fits: one child for an impossible budget, two for a generous one.
+
+    python -m sfprompt.edge_client.memory_budget BUNDLE RUNTIME BATCH MICRO_BATCH THREADS STEPS
+
+is the child's entry point (THREADS 0: the runtime's default); it prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sfprompt.protocol.bundle import load_manifest
+
+from .runtime import RUNTIMES
+
+MB = 2**20
+CANDIDATES = (16, 8, 4, 2, 1)  # tried besides the batch itself, where they are smaller
+CHILD_MODULE = "sfprompt.edge_client.memory_budget"
+
+
+class MemoryBudgetError(ValueError):
+    """Not even the smallest micro-batch fits the memory budget."""
+
+
+@dataclass(frozen=True)
+class StepMeasurement:
+    """What one child process saw: its peak RSS and the median time of a local step."""
+
+    runtime: str
+    batch: int
+    micro_batch: int
+    peak_rss_mb: float
+    opened_rss_mb: float  # right after opening the runtime: libraries imported, no graph yet
+    step_s: float  # median over the steps after the first (which opens the graphs)
+    first_step_s: float
+    torch_loaded: bool
+
+
+@dataclass(frozen=True)
+class MicroBatchChoice:
+    micro_batch: int
+    peak_rss_mb: float
+    budget_mb: float
+    measured: dict[int, float]  # micro-batch -> peak RSS MB, for every candidate measured
+
+
+def candidate_micro_batches(batch: int) -> list[int]:
+    """The batch itself, then 16, 8, 4, 2, 1 where smaller: largest first."""
+    return sorted({batch, *(c for c in CANDIDATES if c < batch)}, reverse=True)
+
+
+def measure_step(
+    bundle: Path | str,
+    runtime_kind: str,
+    batch: int,
+    micro_batch: int,
+    threads: int | None = None,
+    steps: int = 2,
+    timeout_s: float = 600,
+) -> StepMeasurement:
+    """Run `steps` local steps in a fresh process and return its peak RSS and step time.
+
+    Raises `ChildProcessError` when the child fails (its `errno` field holds the exit code,
+    negative for a signal, e.g. -9 when the kernel's OOM killer ended it), and
+    `subprocess.TimeoutExpired` after `timeout_s`.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        CHILD_MODULE,
+        str(bundle),
+        runtime_kind,
+        str(batch),
+        str(micro_batch),
+        str(threads or 0),
+        str(steps),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise ChildProcessError(
+            done.returncode,
+            f"measuring {runtime_kind} at batch {batch}, micro-batch {micro_batch} failed "
+            f"(exit code {done.returncode}): {tail}",
+        )
+    return StepMeasurement(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _killed(exc: ChildProcessError) -> bool:
+    return exc.errno == -signal.SIGKILL
+
+
+def _nothing_fits(
+    kind: str, batch: int, budget_mb: float, smallest: int, measured: dict[int, float]
+) -> str:
+    peak = measured[smallest]
+    head = f"no micro-batch fits a {budget_mb:g} MB budget with the {kind} runtime at batch {batch}"
+    if not math.isfinite(peak):
+        return f"{head}: even micro-batch {smallest} was killed for want of memory"
+    return (
+        f"{head}: the smallest peak measured was {peak:.0f} MB (micro-batch {smallest}); "
+        f"a budget of at least {math.ceil(peak)} MB would fit"
+    )
+
+
+def choose_micro_batch(
+    bundle: Path | str,
+    runtime_kind: str,
+    batch: int,
+    budget_mb: float,
+    threads: int | None = None,
+) -> MicroBatchChoice:
+    """The largest candidate micro-batch whose local step peaks within `budget_mb` of RSS.
+
+    Raises `MemoryBudgetError` naming the smallest peak measured (and so the budget that
+    would fit) when none fits, ValueError for a bad argument and `BundleError` for a bad
+    bundle, both before any child runs. A child killed by SIGKILL (the OOM killer) counts
+    as not fitting.
+    """
+    if runtime_kind not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime_kind!r}: choose one of {', '.join(RUNTIMES)}")
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    if not budget_mb > 0:
+        raise ValueError(f"the memory budget must be a positive number of MB, got {budget_mb}")
+    load_manifest(bundle, role="device")
+    candidates = candidate_micro_batches(batch)
+    measured: dict[int, float] = {}
+
+    def fits(micro_batch: int) -> bool:
+        try:
+            peak = measure_step(bundle, runtime_kind, batch, micro_batch, threads).peak_rss_mb
+        except ChildProcessError as exc:
+            if not _killed(exc):
+                raise
+            peak = math.inf
+        measured[micro_batch] = peak
+        return peak <= budget_mb
+
+    smallest = candidates[-1]
+    if not fits(smallest):
+        raise MemoryBudgetError(_nothing_fits(runtime_kind, batch, budget_mb, smallest, measured))
+    chosen = next((c for c in candidates[:-1] if fits(c)), smallest)
+    return MicroBatchChoice(chosen, measured[chosen], budget_mb, measured)
+
+
+# --- the child process -------------------------------------------------------------------
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident set (VmHWM) in MB, or None where /proc has none."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / MB
+    except OSError:
+        pass
+    return None
+
+
+def _child(bundle: str, kind: str, batch: int, micro_batch: int, threads: int, steps: int) -> dict:
+    import numpy as np
+    import psutil
+
+    from .local_step import local_step
+    from .memory import MemoryProfiler
+    from .profile import synthetic_batch
+    from .runtime import open_runtime
+
+    # A sampler only where the kernel keeps no high-water mark (not Linux): it costs time.
+    sampler = MemoryProfiler(interval_s=0.002) if peak_rss_mb() is None else None
+    times = []
+    with sampler or contextlib.nullcontext():
+        runtime = open_runtime(bundle, kind, threads or None, micro_batch)
+        opened_mb = psutil.Process().memory_info().rss / MB
+        params = runtime.initial_parameters()
+        images, labels = synthetic_batch(runtime, batch)
+        weight = np.ones(batch, dtype=np.float32)
+        for _ in range(steps):
+            start = time.perf_counter()
+            local_step(runtime, params, images, labels, weight, 1e-4)
+            times.append(time.perf_counter() - start)
+    if sampler is None:
+        peak = peak_rss_mb()
+    else:
+        peak = max((rss for _, rss, _ in sampler.profile.timeline), default=0.0)
+    return {
+        "runtime": kind,
+        "batch": batch,
+        "micro_batch": micro_batch,
+        "peak_rss_mb": peak,
+        "opened_rss_mb": opened_mb,
+        "step_s": statistics.median(times[1:] or times),
+        "first_step_s": times[0],
+        "torch_loaded": "torch" in sys.modules,
+    }
+
+
+if __name__ == "__main__":
+    bundle_arg, kind_arg, *numbers = sys.argv[1:]
+    print(json.dumps(_child(bundle_arg, kind_arg, *map(int, numbers))))
