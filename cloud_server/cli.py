@@ -5,14 +5,320 @@ Commands are added with `@main.command(...)`; `serve` and `worker` join `broker-
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
+
+from sfprompt.config_file import merge_config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """sfprompt cloud side: the broker set-up, and (soon) the training server and workers."""
+    """sfprompt cloud side: the training server, body workers and the broker set-up.
+
+    \b
+    Serve a federation on an embedded broker, with a server bundle and a test set:
+      sfprompt-cloud serve --bundle bundle/server --test-data test.npz --rounds 20
+    Devices then join with `sfprompt-edge start --broker <the URL it prints>`.
+    """
+
+
+def _model_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Where the body comes from and where it runs: shared by serve and worker."""
+    options = [
+        click.option(
+            "--bundle",
+            type=click.Path(exists=True, file_okay=False, path_type=Path),
+            help="Server bundle folder (sfprompt-export bundle ... /server).",
+        ),
+        click.option("--model", help="Or a timm model name, cut as the exporter cuts it."),
+        click.option("--num-classes", type=int, default=10, show_default=True),
+        click.option("--prompts", type=int, default=10, show_default=True),
+        click.option("--head-blocks", type=int, default=1, show_default=True),
+        click.option("--tail-blocks", type=int, default=0, show_default=True),
+        click.option("--pretrained", is_flag=True, help="timm pre-trained weights (--model)."),
+        click.option(
+            "--weights",
+            type=click.Path(exists=True, path_type=Path),
+            help="A local checkpoint for --model.",
+        ),
+        click.option(
+            "--device",
+            type=click.Choice(["auto", "cuda", "cpu"]),
+            default="auto",
+            show_default=True,
+            help="Where the body runs; auto takes CUDA if present.",
+        ),
+        click.option("--bf16", is_flag=True, help="bfloat16 autocast for the body."),
+        click.option("--threads", type=int, help="CPU threads for the body."),
+        click.option("--broker", help="mqtt[s]://host:port; default: start an embedded broker."),
+        click.option("--username", help="Broker user name."),
+        click.option("--password", help="Broker password."),
+        click.option("--tls-ca", help="CA certificate of the broker (switches TLS on)."),
+        click.option("--tls-cert", help="Client certificate."),
+        click.option("--tls-key", help="Client key."),
+        click.option(
+            "--max-batch",
+            type=int,
+            default=256,
+            show_default=True,
+            help="Samples per body call when batching across devices.",
+        ),
+        click.option(
+            "--max-wait-ms",
+            type=float,
+            default=5.0,
+            show_default=True,
+            help="How long a body call waits for other devices' requests.",
+        ),
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(exists=True, path_type=Path),
+            help="JSON or TOML file of these options (flags given here win).",
+        ),
+        click.option("-v", "--verbose", is_flag=True, help="Log devices, rounds and refusals."),
+    ]
+    return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
+
+
+def _split_config(values: dict[str, Any]) -> tuple[Any, Any, Any]:
+    from .body_model import BodyConfig
+    from .server import BrokerSettings, ModelSource
+
+    source = ModelSource(
+        bundle=_path(values.pop("bundle")),
+        model=values.pop("model"),
+        num_classes=values.pop("num_classes"),
+        prompts=values.pop("prompts"),
+        head_blocks=values.pop("head_blocks"),
+        tail_blocks=values.pop("tail_blocks"),
+        pretrained=values.pop("pretrained"),
+        weights=_path(values.pop("weights")),
+    )
+    body = BodyConfig(
+        device=values.pop("device"), bf16=values.pop("bf16"), threads=values.pop("threads")
+    )
+    broker = BrokerSettings(
+        url=values.pop("broker"),
+        username=values.pop("username"),
+        password=values.pop("password"),
+        tls_ca=values.pop("tls_ca"),
+        tls_cert=values.pop("tls_cert"),
+        tls_key=values.pop("tls_key"),
+        embedded_port=values.pop("embedded_port", None),
+    )
+    return source, body, broker
+
+
+def _path(value: Any) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def _logging(verbose: bool) -> None:
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
+    )
+
+
+@main.command()
+@_model_options
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="runs/server",
+    show_default=True,
+    help="Checkpoint, metrics.jsonl and the embedded broker's files.",
+)
+@click.option("--embedded-port", type=int, help="Port of the embedded broker (default: free).")
+@click.option(
+    "--test-data",
+    type=click.Path(exists=True, path_type=Path),
+    help="Server-side test set (ImageFolder, CIFAR binary, .npz), evaluated per round.",
+)
+@click.option("--eval-samples", type=int, default=2000, show_default=True)
+@click.option("--rounds", type=int, default=10, show_default=True)
+@click.option("--clients-per-round", type=int, help="Devices per round (default: --fraction).")
+@click.option(
+    "--fraction",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Fraction of the online devices selected per round.",
+)
+@click.option(
+    "--min-devices",
+    type=int,
+    default=1,
+    show_default=True,
+    help="A round starts only with this many devices online.",
+)
+@click.option(
+    "--wait-for-devices",
+    "wait_for_devices_s",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="Seconds to wait for --min-devices before giving up.",
+)
+@click.option(
+    "--round-timeout",
+    "round_timeout_s",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="Deadline of each round: later updates are rejected.",
+)
+@click.option(
+    "--offline-grace",
+    "offline_grace_s",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds a device may be offline mid-round before it is no longer awaited.",
+)
+@click.option(
+    "--server-lr",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="eta_g: new = old + eta_g * weighted mean(client - old).",
+)
+@click.option(
+    "--keep-ratio",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="gamma: fraction of each device's data kept by EL2N pruning.",
+)
+@click.option(
+    "--local-epochs",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Epochs of the local-loss phase (0 switches it off).",
+)
+@click.option("--local-lr", type=float, default=1e-4, show_default=True)
+@click.option("--split-lr", type=float, default=0.01, show_default=True)
+@click.option("--split-epochs", type=int, default=1, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option(
+    "--encoding",
+    type=click.Choice(["fp32", "fp16", "bf16", "int8"]),
+    default="fp32",
+    show_default=True,
+    help="How activations and gradients travel.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--body-workers",
+    type=int,
+    default=0,
+    show_default=True,
+    help="0: run the body here; N: N `sfprompt-cloud worker`s serve it.",
+)
+@click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (e.g. in logs).")
+@click.pass_context
+def serve(ctx: click.Context, config_file: Path | None, verbose: bool, **flags: Any) -> None:
+    """Run the federation: rounds of TASK -> device training -> UPDATE -> FedAvg -> evaluation.
+
+    Holds the frozen body (CUDA when present) and answers every device's split-training
+    requests, batching them across devices. After each round it writes
+    OUT/checkpoint.safetensors and a line of OUT/metrics.jsonl; restarted with the same OUT it
+    resumes from the last completed round.
+    """
+    from sfprompt.protocol.bundle import BundleError
+    from sfprompt.protocol.errors import TransportError
+
+    from .checkpoint import CheckpointError
+    from .rounds import RoundConfig
+    from .server import ServeConfig
+    from .server import serve as run_serve
+
+    _logging(verbose)
+    values = merge_config(ctx, flags, config_file)
+    source, body, broker = _split_config(values)
+    rounds = RoundConfig(
+        **{k: values.pop(k) for k in list(values) if k in RoundConfig.__dataclass_fields__}
+    )
+    cfg = ServeConfig(
+        source=source,
+        broker=broker,
+        rounds=rounds,
+        body=body,
+        out=Path(values.pop("out")),
+        test_data=_path(values.pop("test_data")),
+        eval_samples=values.pop("eval_samples"),
+        max_batch=values.pop("max_batch"),
+        max_wait_ms=values.pop("max_wait_ms"),
+        body_workers=values.pop("body_workers"),
+        metrics_port=values.pop("metrics_port"),
+        progress=not values.pop("no_progress"),
+    )
+    try:
+        history = run_serve(cfg)
+    except (BundleError, CheckpointError, TransportError, TimeoutError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if history:
+        last = history[-1]
+        click.echo(f"finished round {last['round']}: accuracy {last.get('accuracy')}")
+
+
+@main.command()
+@_model_options
+@click.option("--index", type=int, default=0, show_default=True, help="This worker's number.")
+@click.option(
+    "--of",
+    "workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="How many workers share the devices (serve --body-workers N).",
+)
+@click.pass_context
+def worker(ctx: click.Context, config_file: Path | None, verbose: bool, **flags: Any) -> None:
+    """Serve only the body, to this worker's share of the devices (scale-out on a GPU fleet).
+
+    \b
+    Start the server without a body, then one worker per GPU:
+      sfprompt-cloud serve --bundle b/server --broker mqtt://broker:1883 --body-workers 2
+      CUDA_VISIBLE_DEVICES=0 sfprompt-cloud worker --bundle b/server \\
+          --broker mqtt://broker:1883 --index 0 --of 2
+      CUDA_VISIBLE_DEVICES=1 sfprompt-cloud worker ... --index 1 --of 2
+    """
+    from sfprompt.protocol.bundle import BundleError
+    from sfprompt.protocol.errors import TransportError
+
+    from .server import WorkerConfig, run_worker
+
+    _logging(verbose)
+    values = merge_config(ctx, flags, config_file)
+    source, body, broker = _split_config(values)
+    if not 0 <= values["index"] < values["workers"]:
+        raise click.UsageError("--index must be in [0, --of)")
+    cfg = WorkerConfig(
+        source=source,
+        broker=broker,
+        body=body,
+        index=values["index"],
+        workers=values["workers"],
+        max_batch=values["max_batch"],
+        max_wait_ms=values["max_wait_ms"],
+    )
+    try:
+        run_worker(cfg)
+    except (BundleError, TransportError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @main.command("broker-config")

@@ -34,6 +34,8 @@ class RoundMetrics:
     selected: list[str] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (device, reason)
+    params_before: str = ""  # fingerprints of the global weights, to check a resumed run
+    params_after: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (rejected pairs become two-item lists)."""
@@ -54,6 +56,8 @@ class RoundMetrics:
                 selected=list(data.get("selected", [])),
                 accepted=list(data.get("accepted", [])),
                 rejected=[(device, reason) for device, reason in data.get("rejected", [])],
+                params_before=data.get("params_before", ""),
+                params_after=data.get("params_after", ""),
             )
         except KeyError as error:
             raise ValueError(f"round metrics: field {error.args[0]!r} is missing") from None

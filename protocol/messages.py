@@ -29,7 +29,17 @@ ENCODINGS = ("fp32", "fp16", "bf16", "int8")
 BROADCAST = "*"
 """`device_id` of messages meant for every device (broadcast TASK, server status)."""
 
-SERVER_STATES = ("starting", "waiting", "training", "aggregating", "evaluating", "stopped")
+# "finished": every round is done (devices may leave); "stopped": the server went away (its
+# Last Will) or was stopped early, and may come back.
+SERVER_STATES = (
+    "starting",
+    "waiting",
+    "training",
+    "aggregating",
+    "evaluating",
+    "finished",
+    "stopped",
+)
 
 _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _MSG_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")

@@ -244,7 +244,7 @@ class MqttClient:
             return
         deadline = time.monotonic() + timeout
         for info in infos:
-            while not info.is_published():
+            while not _acknowledged(info):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TransportError(f"no PUBACK for {topic} within {timeout}s")
@@ -498,3 +498,15 @@ def _device_of(message: Message) -> str:
 
 def _valid_id(msg_id: str) -> bool:
     return 0 < len(msg_id) <= 64 and all(c.isalnum() or c in "_-" for c in msg_id)
+
+
+def _acknowledged(info: paho.MQTTMessageInfo) -> bool:
+    """Whether the broker acknowledged the message (PUBACK).
+
+    paho's `is_published()` raises for a message published while disconnected (rc NO_CONN)
+    even after paho has sent it on reconnect and the broker has acknowledged it, so for those
+    the flag paho sets on PUBACK is read directly (paho 2.x keeps it in `_published`).
+    """
+    if info.rc == paho.MQTT_ERR_SUCCESS:
+        return info.is_published()
+    return bool(getattr(info, "_published", False))

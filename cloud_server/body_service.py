@@ -1,0 +1,122 @@
+"""The split-training service: SMASHED -> body -> BODY_OUT, GRAD_Z -> body VJP -> GRAD_H.
+
+Handlers only validate, file state and queue work on the batcher; replies go out from the
+batcher's thread once the (cross-device) body call is done, so the MQTT dispatcher never waits
+on the body. The coordinator's server and every `sfprompt-cloud worker` run this same service;
+with several workers each serves the devices `owns` assigns it (see docs/cloud_server.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from sfprompt.protocol.client_config import Inbound
+from sfprompt.protocol.codec import error_for
+from sfprompt.protocol.errors import INTERNAL, UNKNOWN_STEP
+from sfprompt.protocol.messages import BodyOut, Error, GradH, GradZ, Message, Smashed
+from sfprompt.protocol.mqtt_client import MqttClient
+
+from .batcher import BodyBatcher
+from .step_state import StateFull, StepStore
+
+log = logging.getLogger(__name__)
+
+
+def worker_of(device_id: str, workers: int) -> int:
+    """A stable assignment of devices to `workers` body workers (the same on every host)."""
+    digest = hashlib.sha256(device_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % workers
+
+
+class BodyService:
+    """Serves the body to every device this process owns, through one MQTT client."""
+
+    def __init__(
+        self,
+        client: MqttClient,
+        batcher: BodyBatcher,
+        store: StepStore,
+        owns: Callable[[str], bool] = lambda device_id: True,
+    ) -> None:
+        self.client = client
+        self.batcher = batcher
+        self.store = store
+        self.owns = owns
+
+    def attach(self) -> BodyService:
+        """Subscribe the handlers (before or after connect)."""
+        topics = self.client.config.topics
+        self.client.subscribe(topics.all_up_of("smashed"), self._on_smashed)
+        self.client.subscribe(topics.all_up_of("grad_z"), self._on_grad_z)
+        return self
+
+    def _on_smashed(self, inbound: Inbound) -> Message | None:
+        msg = inbound.message
+        assert isinstance(msg, Smashed)
+        if not self.owns(msg.device_id):
+            return None
+        try:
+            self.store.put((msg.device_id, msg.round, msg.step), msg.h)
+        except StateFull as exc:
+            return _error(msg, INTERNAL, f"server busy, retry later: {exc}")
+        self.batcher.forward(msg.h, lambda z, exc: self._reply(inbound, z, exc, BodyOut))
+        return None
+
+    def _on_grad_z(self, inbound: Inbound) -> Message | None:
+        msg = inbound.message
+        assert isinstance(msg, GradZ)
+        if not self.owns(msg.device_id):
+            return None
+        h = self.store.take((msg.device_id, msg.round, msg.step))
+        if h is None:
+            text = (
+                f"no open split step (round {msg.round}, step {msg.step}) for {msg.device_id}: "
+                "never smashed, already answered, or expired"
+            )
+            return _error(msg, UNKNOWN_STEP, text)
+        self.batcher.backward(
+            h, msg.grad_z, lambda grad, exc: self._reply(inbound, grad, exc, GradH)
+        )
+        return None
+
+    def _reply(
+        self,
+        inbound: Inbound,
+        tensor: np.ndarray | None,
+        exc: Exception | None,
+        kind: type[BodyOut] | type[GradH],
+    ) -> None:
+        msg = inbound.message
+        assert isinstance(msg, (Smashed, GradZ))
+        reply: Message
+        if exc is not None or tensor is None:
+            log.warning("body call for %s step %d failed: %s", msg.device_id, msg.step, exc)
+            reply = error_for(exc or RuntimeError("no result"), msg.device_id, msg.msg_id)
+        else:
+            field = kind.tensor_field
+            reply = kind(  # type: ignore[call-arg]
+                device_id=msg.device_id,
+                round=msg.round,
+                step=msg.step,
+                encoding=msg.encoding,
+                **{field: np.ascontiguousarray(tensor, dtype=np.float32)},
+            )
+        try:
+            self.client.respond(inbound, reply)
+        except Exception:
+            log.exception("could not answer %s of %s", msg.kind, msg.device_id)
+
+
+def _error(msg: Smashed | GradZ, code: str, text: str) -> Error:
+    return Error(
+        device_id=msg.device_id,
+        round=msg.round,
+        step=msg.step,
+        code=code,
+        text=text,
+        answers=msg.msg_id,
+    )

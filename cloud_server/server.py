@@ -1,0 +1,273 @@
+"""`sfprompt-cloud serve` and `sfprompt-cloud worker`: wire the parts together and run.
+
+serve: (embedded broker) -> MQTT client -> body model + batcher + split service -> round
+coordinator, with checkpoints, JSON-lines metrics, a progress display and optional Prometheus.
+worker: only the body service, for a fleet of GPUs sharing the devices (docs/cloud_server.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sfprompt.protocol.broker import EmbeddedBroker
+from sfprompt.protocol.client_config import ClientConfig, connection_config
+from sfprompt.protocol.codec import encode, expectations_for
+from sfprompt.protocol.messages import BROADCAST, ServerStatus
+from sfprompt.protocol.mqtt_client import MqttClient
+
+from .batcher import BodyBatcher
+from .body_model import BodyConfig, ServerModel
+from .body_service import BodyService, worker_of
+from .metrics import MetricsLog, PrometheusExporter, RoundMetrics
+from .rounds import Coordinator, RoundConfig
+from .step_state import StepStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where the broker is and how to log in; no URL means an embedded Mosquitto."""
+
+    url: str | None = None
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    embedded_port: int | None = None  # the embedded broker's port (default: a free one)
+
+    def client_config(self, url: str, client_id: str, **options: object) -> ClientConfig:
+        return connection_config(
+            url,
+            client_id,
+            username=self.username,
+            password=self.password,
+            tls_ca=self.tls_ca,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+            **options,
+        )
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A server bundle folder, or a timm model cut the way the exporter cuts it."""
+
+    bundle: Path | None = None
+    model: str | None = None
+    num_classes: int = 10
+    prompts: int = 10
+    head_blocks: int = 1
+    tail_blocks: int = 0
+    pretrained: bool = False
+    weights: Path | None = None
+    model_args: dict = field(default_factory=dict)
+    seed: int = 0
+
+    def load(self, body: BodyConfig) -> ServerModel:
+        if self.bundle is not None:
+            return ServerModel.from_bundle(self.bundle, body)
+        if self.model is None:
+            raise ValueError("give a server bundle (--bundle) or a timm model name (--model)")
+        from sfprompt.export.bundle_writer import ExportConfig
+
+        export = ExportConfig(
+            model=self.model,
+            num_classes=self.num_classes,
+            pretrained=self.pretrained,
+            checkpoint=self.weights,
+            model_args=dict(self.model_args),
+            prompts=self.prompts,
+            head_blocks=self.head_blocks,
+            tail_blocks=self.tail_blocks,
+            seed=self.seed,
+        )
+        return ServerModel.from_timm(export, body)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    source: ModelSource = field(default_factory=ModelSource)
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    rounds: RoundConfig = field(default_factory=RoundConfig)
+    body: BodyConfig = field(default_factory=BodyConfig)
+    out: Path = Path("runs/server")
+    test_data: Path | None = None  # evaluated after every round (ImageFolder, CIFAR, .npz)
+    eval_samples: int | None = 2000
+    max_batch: int = 256  # cross-device batching: samples per body call
+    max_wait_ms: float = 5.0  # how long a body call waits for other devices' requests
+    body_workers: int = 0  # 0: serve the body here; N: N `sfprompt-cloud worker`s do
+    metrics_port: int | None = None
+    progress: bool = True
+    client_id: str = "sfprompt-server"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    source: ModelSource = field(default_factory=ModelSource)
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    body: BodyConfig = field(default_factory=BodyConfig)
+    index: int = 0
+    workers: int = 1
+    max_batch: int = 256
+    max_wait_ms: float = 5.0
+    state_ttl_s: float = 600.0
+
+
+@contextmanager
+def broker_url(settings: BrokerSettings, out: Path) -> Iterator[str]:
+    """The broker to use: the given URL, or an embedded Mosquitto stopped on exit."""
+    if settings.url is not None:
+        yield settings.url
+        return
+    with EmbeddedBroker(out / "broker", settings.embedded_port) as broker:
+        broker.start()
+        (out / "broker_url").write_text(broker.url + "\n")
+        log.info("embedded broker at %s", broker.url)
+        yield broker.url
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGINT or SIGTERM (main thread only): the loops finish cleanly."""
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def load_test_set(
+    path: Path, model: ServerModel, limit: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The server-side test set, preprocessed once with the device's own transform."""
+    from sfprompt.data.datasets import load_image_set
+    from sfprompt.data.transforms import EvalTransform
+
+    images = load_image_set(path, split="test")
+    count = len(images) if limit is None else min(limit, len(images))
+    indices = np.arange(count)
+    transform = EvalTransform.from_config(model.manifest.preprocess)
+    return images.preprocessed(indices, transform), images.labels[indices]
+
+
+def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> list[dict]:
+    """Run the federation's rounds; returns the metrics history. Raises BundleError,
+    CheckpointError, TransportError or TimeoutError (too few devices) with clear messages."""
+    stop = stop or stop_on_signals()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = cfg.source.load(cfg.body)
+    manifest = model.manifest
+    test = load_test_set(cfg.test_data, model, cfg.eval_samples) if cfg.test_data else None
+
+    def evaluate(params: dict[str, np.ndarray]) -> tuple[float, float] | None:
+        if test is None:
+            return None
+        result = model.evaluate(params, test[0], test[1])
+        return result.accuracy, result.loss
+
+    exporter = PrometheusExporter(cfg.metrics_port) if cfg.metrics_port else None
+    with broker_url(cfg.broker, out) as url:
+        topics_cfg = cfg.broker.client_config(url, cfg.client_id)
+        stopped = ServerStatus(device_id=BROADCAST, state="stopped", text="server gone")
+        client_cfg = cfg.broker.client_config(
+            url,
+            cfg.client_id,
+            expect=expectations_for(manifest),
+            will=(topics_cfg.topics.server_status(), encode(stopped)),
+        )
+        client = MqttClient(client_cfg)
+        store = StepStore(ttl_s=cfg.rounds.round_timeout_s)
+        batcher = BodyBatcher(model, cfg.max_batch, cfg.max_wait_ms / 1000).start()
+        if cfg.body_workers == 0:
+            BodyService(client, batcher, store).attach()
+        progress = _RoundProgress(cfg.rounds.rounds, cfg.progress)
+        coordinator = Coordinator(
+            client,
+            cfg.rounds,
+            model.initial_parameters(),
+            manifest.contract_hash(),
+            out / "checkpoint.safetensors",
+            MetricsLog(out / "metrics.jsonl"),
+            evaluate,
+            on_round=lambda m: (progress.update(m), exporter and exporter.observe(m)),
+            on_device_gone=store.drop_device,
+        ).attach()
+        if coordinator.resume():
+            progress.resumed(coordinator.round)
+        client.connect()
+        try:
+            with progress:
+                coordinator.run(stop)
+        finally:
+            client.close(send_will=True)
+            batcher.stop()
+            if exporter is not None:
+                exporter.close()
+    return coordinator.history
+
+
+def run_worker(cfg: WorkerConfig, stop: threading.Event | None = None) -> None:
+    """Serve the body to this worker's share of the devices until stopped."""
+    stop = stop or stop_on_signals()
+    if cfg.broker.url is None:
+        raise ValueError("a worker needs the broker URL the server uses (--broker)")
+    model = cfg.source.load(cfg.body)
+    client_cfg = cfg.broker.client_config(
+        cfg.broker.url,
+        f"sfprompt-worker-{cfg.index}",
+        expect=expectations_for(model.manifest),
+    )
+    client = MqttClient(client_cfg)
+    batcher = BodyBatcher(model, cfg.max_batch, cfg.max_wait_ms / 1000).start()
+    owns = lambda device_id: worker_of(device_id, cfg.workers) == cfg.index  # noqa: E731
+    BodyService(client, batcher, StepStore(cfg.state_ttl_s), owns).attach()
+    client.connect()
+    log.info("body worker %d of %d serving on %s", cfg.index, cfg.workers, model.device)
+    try:
+        stop.wait()
+    finally:
+        client.close()
+        batcher.stop()
+
+
+class _RoundProgress:
+    """A rich progress bar over rounds showing the latest accuracy (quiet when disabled)."""
+
+    def __init__(self, rounds: int, enabled: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]rounds"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.description}"),
+            disable=not enabled,
+        )
+        self.task = self.progress.add_task("waiting for devices", total=rounds)
+
+    def resumed(self, done: int) -> None:
+        self.progress.update(self.task, completed=done, description=f"resumed after {done}")
+
+    def update(self, m: RoundMetrics) -> None:
+        acc = "" if m.accuracy is None else f"accuracy {m.accuracy:.3f} "
+        text = (
+            f"{acc}round {m.round}: {len(m.accepted)}/{len(m.selected)} devices, {m.seconds:.1f}s"
+        )
+        self.progress.update(self.task, completed=m.round, description=text)
+
+    def __enter__(self) -> _RoundProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)  # type: ignore[arg-type]

@@ -1,0 +1,318 @@
+"""`sfprompt-edge start`: a device that joins the federation and serves round after round.
+
+Threads: paho's network thread and the client's dispatcher only file TASKs into a queue and
+set flags; all training happens on the caller's thread, which checks for a newer task, the
+deadline and SIGTERM between batches. The device keeps nothing on disk, so stopping at any
+moment leaves no half-written file; a lost broker is reconnected with backoff by the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sfprompt.data.datasets import load_image_set
+from sfprompt.data.transforms import EvalTransform
+from sfprompt.protocol.client_config import Inbound, connection_config, presence_will
+from sfprompt.protocol.codec import expectations_for
+from sfprompt.protocol.errors import BUNDLE_MISMATCH, RemoteError, TransportError
+from sfprompt.protocol.messages import Error, Join, Message, Presence, ServerStatus, Task, Update
+from sfprompt.protocol.mqtt_client import MqttClient
+
+from .hardware import hardware_profile, runtime_versions
+from .memory import MemoryProfiler
+from .optimizer import Sgd
+from .phases import LocalData, RoundAborted, self_update, split_train
+from .runtime import DeviceRuntime, open_runtime
+from .split_link import SplitLink
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """Everything `sfprompt-edge start` takes; `--config FILE` fills the same fields."""
+
+    bundle: Path
+    data: Path
+    device_id: str
+    broker: str = "mqtt://127.0.0.1:1883"
+    runtime: str = "onnx"  # onnx (no PyTorch) or torchscript
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    data_split: str = "train"
+    threads: int | None = None
+    micro_batch: int | None = 4  # samples per head-graph call: smaller uses less memory
+    memory_budget_mb: float | None = None  # pick the largest micro-batch that fits
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    request_timeout_s: float = 60.0  # per split exchange, split into `attempts` sends
+    attempts: int = 3
+    seed: int = 0
+    max_rounds: int | None = None  # leave after this many rounds (None: until stopped)
+    leave_when_server_stops: bool = False  # leave once the server has finished every round
+
+
+class DeviceFailure(RuntimeError):
+    """The device cannot take part (e.g. its bundle does not fit the server's model)."""
+
+
+class EdgeDevice:
+    def __init__(self, cfg: EdgeConfig, stop: threading.Event | None = None) -> None:
+        self.cfg = cfg
+        self.stop = stop or threading.Event()
+        self.runtime: DeviceRuntime = open_runtime(
+            cfg.bundle, cfg.runtime, cfg.threads, self._micro_batch()
+        )
+        self.manifest = self.runtime.manifest
+        images = load_image_set(cfg.data, split=cfg.data_split, on_skip=log.warning)
+        self.data = LocalData(images, EvalTransform.from_config(self.manifest.preprocess))
+        self.rng = np.random.default_rng([cfg.seed, _stable_int(cfg.device_id)])
+        self.tasks: queue.Queue[Task] = queue.Queue()
+        self.rejoin = threading.Event()
+        self.server_done = threading.Event()
+        self.rounds_done = 0
+        self.client: MqttClient | None = None
+
+    def _micro_batch(self) -> int | None:
+        if self.cfg.memory_budget_mb is None:
+            return self.cfg.micro_batch
+        from .memory_budget import choose_micro_batch
+
+        choice = choose_micro_batch(
+            self.cfg.bundle, self.cfg.runtime, 32, self.cfg.memory_budget_mb, self.cfg.threads
+        )
+        log.info("memory budget %.0f MB: micro-batch %s", self.cfg.memory_budget_mb, choice)
+        return int(choice.micro_batch)
+
+    # ---- connection --------------------------------------------------------------------------
+    def _new_client(self) -> MqttClient:
+        cfg = self.cfg
+        client = MqttClient(
+            connection_config(
+                cfg.broker,
+                cfg.device_id,
+                username=cfg.username,
+                password=cfg.password,
+                tls_ca=cfg.tls_ca,
+                tls_cert=cfg.tls_cert,
+                tls_key=cfg.tls_key,
+                expect=expectations_for(self.manifest),
+                will=presence_will(cfg.device_id),
+            )
+        )
+        topics = client.config.topics
+        client.subscribe(topics.device_inbox(cfg.device_id), self._on_inbox)
+        client.subscribe(topics.server_status(), self._on_server_status)
+        client.on_every_connect(lambda: self._announce(client))
+        return client
+
+    def _announce(self, client: MqttClient) -> None:
+        presence = Presence(device_id=self.cfg.device_id, online=True, since=time.time())
+        topic = client.config.topics.presence(self.cfg.device_id)
+        client.publish(topic, presence, retain=True, timeout=None)
+
+    def connect(self) -> MqttClient:
+        """Connect, retrying with backoff until connected or stopped."""
+        delay = 1.0
+        while not self.stop.is_set():
+            client = self._new_client()
+            try:
+                return client.connect(timeout=15.0)
+            except TransportError as exc:
+                log.warning(
+                    "broker %s not reachable (%s); retrying in %.0fs", self.cfg.broker, exc, delay
+                )
+                self.stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+        raise DeviceFailure("stopped before the broker could be reached")
+
+    def join(self, client: MqttClient) -> None:
+        """JOIN until the server accepts; raises DeviceFailure if it refuses our bundle."""
+        topics = client.config.topics
+        delay = 1.0
+        while not self.stop.is_set():
+            join = Join(
+                device_id=self.cfg.device_id,
+                bundle_hash=self.manifest.contract_hash(),
+                runtime=runtime_versions(self.cfg.runtime),
+                hardware=hardware_profile(),
+            )
+            try:
+                client.request(
+                    topics.up(self.cfg.device_id, "join"),
+                    join,
+                    topics.down(self.cfg.device_id, "status"),
+                    timeout=10.0,
+                )
+                log.info("%s joined", self.cfg.device_id)
+                return
+            except RemoteError as exc:
+                if getattr(exc.error, "code", "") == BUNDLE_MISMATCH:
+                    raise DeviceFailure(str(exc)) from exc
+                log.warning("join refused: %s; retrying", exc)
+            except TransportError:
+                log.info("no server answered the join yet; retrying in %.0fs", delay)
+            self.stop.wait(delay)
+            delay = min(delay * 2, 30.0)
+
+    # ---- handlers (dispatcher thread) --------------------------------------------------------
+    def _on_inbox(self, inbound: Inbound) -> Message | None:
+        msg = inbound.message
+        if isinstance(msg, Task):
+            self.tasks.put(msg)
+        elif isinstance(msg, Error):
+            log.warning("server: [%s] %s", msg.code, msg.text)
+        return None
+
+    def _on_server_status(self, inbound: Inbound) -> Message | None:
+        msg = inbound.message
+        if isinstance(msg, ServerStatus):
+            if msg.state == "starting":
+                self.rejoin.set()  # a (re)started server knows no devices yet
+            if msg.state == "finished" and self.cfg.leave_when_server_stops:
+                self.server_done.set()
+        return None
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        """Serve rounds until stopped, the round limit, or the server's end; returns rounds."""
+        client = self.client = self.connect()
+        try:
+            self.join(client)
+            while not self._should_leave():
+                if self.rejoin.is_set():
+                    self.rejoin.clear()
+                    self.join(client)
+                task = self._next_task()
+                if task is None:
+                    continue
+                try:
+                    self.run_round(client, task)
+                    self.rounds_done += 1
+                except RoundAborted as exc:
+                    log.info("round %d: %s", task.round, exc)
+                except (RemoteError, TransportError) as exc:
+                    log.warning("round %d given up: %s", task.round, exc)
+        finally:
+            client.close(send_will=True)
+        return self.rounds_done
+
+    def _should_leave(self) -> bool:
+        limit = self.cfg.max_rounds
+        return (
+            self.stop.is_set()
+            or self.server_done.is_set()
+            or (limit is not None and self.rounds_done >= limit)
+        )
+
+    def _next_task(self) -> Task | None:
+        """The newest waiting task still before its deadline (older ones are missed rounds)."""
+        try:
+            task = self.tasks.get(timeout=0.5)
+        except queue.Empty:
+            return None
+        while not self.tasks.empty():
+            task = self.tasks.get_nowait()
+        if time.time() > task.settings.deadline:
+            log.info("round %d missed: its deadline has passed", task.round)
+            return None
+        return task
+
+    def run_round(self, client: MqttClient, task: Task) -> Update:
+        """Self-update, split training, UPDATE; raises RoundAborted or the link's errors."""
+        settings = task.settings
+        params = {k: np.array(v, dtype=np.float32) for k, v in task.params.items()}
+
+        def should_stop() -> bool:
+            return self.stop.is_set() or not self.tasks.empty() or time.time() > settings.deadline
+
+        sent0, received0 = client.traffic.snapshot()
+        link = SplitLink(
+            client,
+            self.cfg.device_id,
+            task.round,
+            settings.encoding,
+            self.cfg.request_timeout_s,
+            self.cfg.attempts,
+        )
+        cfg = self.cfg
+        with MemoryProfiler(interval_s=0.02) as profiler:
+            with profiler.phase("self_update"):
+                local = self_update(
+                    self.runtime,
+                    params,
+                    self.data,
+                    settings,
+                    Sgd(settings.local_lr, cfg.momentum, cfg.weight_decay),
+                    self.rng,
+                    should_stop,
+                )
+            with profiler.phase("split_train"):
+                split = split_train(
+                    self.runtime,
+                    params,
+                    self.data,
+                    local.kept,
+                    settings,
+                    link,
+                    Sgd(settings.split_lr, cfg.momentum, cfg.weight_decay),
+                    self.rng,
+                    should_stop,
+                )
+        sent1, received1 = client.traffic.snapshot()
+        metrics = {
+            "local_loss": local.loss,
+            "split_loss": split.loss,
+            "kept": float(len(local.kept)),
+            "local_samples": float(len(self.data)),
+            "split_steps": float(split.steps),
+            "bytes_up_split": _delta(sent0, sent1, "smashed", "grad_z"),
+            "bytes_down_split": _delta(received0, received1, "body_out", "grad_h"),
+        }
+        metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}
+        memory = {"peak_rss_mb": profiler.profile.peak_rss_mb}
+        for name, stats in profiler.profile.phases.items():
+            memory[f"{name}_peak_rss_mb"] = stats.peak_rss_mb
+            memory[f"{name}_uss_mb"] = stats.uss_mb
+            memory[f"{name}_cpu_s"] = stats.cpu_seconds
+            memory[f"{name}_s"] = stats.seconds
+        update = Update(
+            device_id=cfg.device_id,
+            round=task.round,
+            params=params,
+            samples=max(1, len(local.kept)),
+            metrics=metrics,
+            memory=memory,
+        )
+        packets = client.packets(update)
+        client.publish_packets(client.config.topics.up(cfg.device_id, "update"), packets)
+        log.info(
+            "round %d done: kept %d/%d, split loss %.4f",
+            task.round,
+            len(local.kept),
+            len(self.data),
+            split.loss,
+        )
+        return update
+
+
+def _delta(before: dict[str, int], after: dict[str, int], *kinds: str) -> float:
+    return float(sum(after.get(k, 0) - before.get(k, 0) for k in kinds))
+
+
+def _stable_int(text: str) -> int:
+    return int.from_bytes(text.encode()[:8].ljust(8, b"\0"), "big")
+
+
+def run_device(cfg: EdgeConfig, stop: threading.Event | None = None) -> int:
+    return EdgeDevice(cfg, stop).run()

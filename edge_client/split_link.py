@@ -1,0 +1,77 @@
+"""The device's end of split training: h up, z down; dL/dz up, dL/dh down.
+
+Each exchange is an MQTT v5 request whose reply the server correlates; a lost message is sent
+again (the server answers a repeat from its reply cache, never computing twice), and an ERROR
+from the server (e.g. it restarted and lost the step) raises `RemoteError`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sfprompt.protocol.errors import ProtocolError
+from sfprompt.protocol.messages import BodyOut, GradH, GradZ, Message, Smashed
+from sfprompt.protocol.mqtt_client import MqttClient
+
+
+class SplitLink:
+    """One round's split exchanges for one device; `step` numbers them within the round."""
+
+    def __init__(
+        self,
+        client: MqttClient,
+        device_id: str,
+        round: int,
+        encoding: str = "fp32",
+        timeout_s: float = 60.0,
+        attempts: int = 3,
+    ) -> None:
+        self.client = client
+        self.device_id = device_id
+        self.round = round
+        self.encoding = encoding
+        self.timeout_s = timeout_s
+        self.attempts = attempts
+        self.step = 0
+
+    def forward(self, h: np.ndarray) -> np.ndarray:
+        """Send h (B, T, D); returns z, only the tokens the tail reads."""
+        self.step += 1
+        msg = Smashed(
+            device_id=self.device_id,
+            round=self.round,
+            step=self.step,
+            h=np.ascontiguousarray(h, dtype=np.float32),
+            encoding=self.encoding,
+        )
+        reply = self._request(msg, "smashed", "body_out")
+        assert isinstance(reply, BodyOut)
+        return reply.z
+
+    def backward(self, grad_z: np.ndarray) -> np.ndarray:
+        """Send dL/dz for the last forward; returns dL/dh (B, T, D)."""
+        msg = GradZ(
+            device_id=self.device_id,
+            round=self.round,
+            step=self.step,
+            grad_z=np.ascontiguousarray(grad_z, dtype=np.float32),
+            encoding=self.encoding,
+        )
+        reply = self._request(msg, "grad_z", "grad_h")
+        assert isinstance(reply, GradH)
+        return reply.grad_h
+
+    def _request(self, msg: Message, up: str, down: str) -> Message:
+        topics = self.client.config.topics
+        reply = self.client.request(
+            topics.up(self.device_id, up),
+            msg,
+            topics.down(self.device_id, down),
+            self.timeout_s,
+            self.attempts,
+        )
+        if reply.kind != down or reply.step != msg.step:
+            raise ProtocolError(
+                "bad_field", "reply", f"{down} for step {msg.step}", f"{reply.kind} {reply.step}"
+            )
+        return reply
