@@ -46,6 +46,7 @@ class BodyService:
         self.batcher = batcher
         self.store = store
         self.owns = owns
+        self._served: set[str] = set()
 
     def attach(self) -> BodyService:
         """Subscribe the handlers (before or after connect)."""
@@ -59,6 +60,9 @@ class BodyService:
         assert isinstance(msg, Smashed)
         if not self.owns(msg.device_id):
             return None
+        if msg.device_id not in self._served:
+            self._served.add(msg.device_id)
+            log.info("serving the body to %s", msg.device_id)
         try:
             self.store.put((msg.device_id, msg.round, msg.step), msg.h)
         except StateFull as exc:

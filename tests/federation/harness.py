@@ -77,6 +77,11 @@ def start_server(*args: str, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 
 
+def start_worker(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    cmd = [str(BIN / "sfprompt-cloud"), "worker", "-v", *args]
+    return subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+
 def start_device(*args: str, log: Path, no_torch: bool = True) -> subprocess.Popen[bytes]:
     """`sfprompt-edge start ...` in a fresh interpreter where torch cannot be imported."""
     code = (NO_TORCH if no_torch else "") + (
