@@ -8,6 +8,7 @@ moment leaves no half-written file; a lost broker is reconnected with backoff by
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -311,7 +312,8 @@ def _delta(before: dict[str, int], after: dict[str, int], *kinds: str) -> float:
 
 
 def _stable_int(text: str) -> int:
-    return int.from_bytes(text.encode()[:8].ljust(8, b"\0"), "big")
+    """A seed from the device id, the same on every run (unlike hash())."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
 def run_device(cfg: EdgeConfig, stop: threading.Event | None = None) -> int:
