@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from sfprompt.protocol.client_config import Inbound
+from sfprompt.protocol.codec import encode
 from sfprompt.protocol.errors import BUNDLE_MISMATCH, REJECTED
 from sfprompt.protocol.messages import (
     BROADCAST,
@@ -301,6 +302,7 @@ class Coordinator:
             return None
         state.device_metrics[msg.device_id] = {
             "samples": float(msg.samples),
+            "bytes_up_update": float(len(encode(msg))),  # as it crossed the wire, unchunked
             **{k: float(v) for k, v in msg.metrics.items()},
             **{k: float(v) for k, v in msg.memory.items()},
         }

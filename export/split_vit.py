@@ -36,8 +36,8 @@ class Cut:
         """Raise ValueError unless the cut leaves at least one block to the body."""
         if self.head_blocks < 1:
             raise ValueError("head_blocks must be >= 1 so the local loss depends on the prompts")
-        if self.tail_blocks < 0 or self.prompts < 1:
-            raise ValueError("tail_blocks must be >= 0 and prompts >= 1")
+        if self.tail_blocks < 0 or self.prompts < 0:
+            raise ValueError("tail_blocks and prompts must be >= 0")
         if self.head_blocks + self.tail_blocks >= depth:
             raise ValueError(
                 f"head_blocks + tail_blocks = {self.head_blocks + self.tail_blocks} leaves no "

@@ -1,0 +1,482 @@
+"""The baselines that need no network, run in-process with PyTorch: FL full fine-tuning, FL prompt
+tuning and SFL (SplitFed v2), on the same shards, test set, seed and rounds as the split methods.
+
+Costs per device and round: FLOPs counted by torch's FlopCounterMode on one batch and scaled by
+the samples trained; bytes as exact sizes (safetensors for weights, the protocol codec for SFL's
+four activation messages per batch); device memory estimated as weights + gradients + momentum +
+what autograd saves in one forward at the batch size (no process to measure).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.numpy import save as safetensors_save
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from sfprompt.cloud_server.fedavg import Params, fedavg
+from sfprompt.data.transforms import EvalTransform
+from sfprompt.export.split_vit import (
+    PROMPT_KEY,
+    Cut,
+    SplitViT,
+    Tail,
+    init_prompt,
+    select_tail_input,
+    tail_input_for,
+)
+from sfprompt.protocol.codec import encode
+from sfprompt.protocol.messages import BodyOut, GradH, GradZ, Smashed
+
+from .costs import round_minutes
+from .results import Features, MethodResult, RoundRecord
+
+BASELINES = ("fl_full", "fl_prompt", "sfl")
+FEATURE_IMAGES = 500  # test images whose features the report plots (t-SNE)
+MOMENTUM = 0.9
+Shard = tuple[np.ndarray, np.ndarray]  # images (N, H, W, 3) uint8, labels (N,)
+Tensors = tuple[torch.Tensor, torch.Tensor]  # images (N, 3, H, W) float32, labels (N,) int64
+DeviceData = dict[int, Tensors]  # device index -> its shard, preprocessed
+
+
+@dataclass
+class BaselineConfig:
+    rounds: int = 5
+    local_epochs: int = 1
+    lr: float = 0.01  # SGD, momentum 0.9 (the SFL server's body too)
+    batch_size: int = 32
+    server_lr: float = 1.0  # FedAvg: new = old + eta_g * weighted mean(client - old)
+    fraction: float = 1.0  # devices per round (at least one)
+    seed: int = 0
+    uplink_mbps: float = 12.0  # the paper's appendix Table 1
+    downlink_mbps: float = 54.0
+    device_gflops: float = 10.0
+    server_gflops: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.local_epochs < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"rounds, local_epochs and batch_size must be >= 1, got {self.rounds}, "
+                f"{self.local_epochs}, {self.batch_size}"
+            )
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ValueError(f"lr must be finite and >= 0, got {self.lr!r}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must lie in (0, 1], got {self.fraction!r}")
+
+
+# ------------------------------------------------------------------------------------- the data
+
+
+def to_tensors(preprocess: dict, images: np.ndarray, labels: np.ndarray, what: str) -> Tensors:
+    """Images and labels as tensors, preprocessed as the devices do."""
+    labels = np.asarray(labels)
+    if labels.shape != (len(images),):
+        raise ValueError(f"{what}: {len(images)} images but labels of shape {labels.shape}")
+    x = EvalTransform.from_config(preprocess).from_uint8(images)
+    return torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64))
+
+
+def batches(count: int, size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """A shuffled pass over `count` samples in batches of `size` (the last may be smaller)."""
+    order = rng.permutation(count)
+    for start in range(0, count, size):
+        yield order[start : start + size]
+
+
+def select_devices(count: int, fraction: float, rng: np.random.Generator) -> list[int]:
+    """ceil(fraction * count) devices (at least one), as the cloud server chooses them."""
+    chosen = rng.choice(count, size=max(1, min(math.ceil(fraction * count), count)), replace=False)
+    return sorted(int(i) for i in chosen)
+
+
+@torch.no_grad()
+def evaluate(
+    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy on a set, in chunks of 256."""
+    correct, loss = 0, 0.0
+    for start in range(0, len(y), 256):
+        logits = forward(x[start : start + 256])
+        target = y[start : start + 256]
+        loss += float(F.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == target).sum())
+    return correct / len(y), loss / len(y)
+
+
+def run_blocks(vit: VisionTransformer, blocks: int, x: torch.Tensor) -> torch.Tensor:
+    """timm's forward_features up to (not including) block `blocks`, without prompts:
+    images (B, 3, H, W) -> tokens (B, R + N, D). Uses the model's own (trainable) embeddings."""
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+    for block in vit.blocks[:blocks]:
+        x = block(x)
+    return x
+
+
+@torch.no_grad()
+def tail_features(vit: VisionTransformer, cut: Cut, x: torch.Tensor) -> np.ndarray:
+    """What the tail of a prompt-less model reads, flattened: (N, R' * D) float32."""
+    cut0 = Cut(cut.head_blocks, cut.tail_blocks, 0)
+    parts = []
+    for start in range(0, len(x), 256):
+        z = run_blocks(vit, len(vit.blocks) - cut.tail_blocks, x[start : start + 256])
+        t = select_tail_input(z, tail_input_for(vit, cut0), vit.num_prefix_tokens)
+        parts.append(t.reshape(len(t), -1).numpy().astype(np.float32))
+    return np.concatenate(parts)
+
+
+def untuned_features(
+    build_model: Callable[[], VisionTransformer],
+    preprocess: dict,
+    test: Shard,
+    cut: Cut | None = None,
+) -> Features:
+    """The features of the pre-trained model before any tuning, on up to 500 test images."""
+    vit = build_model().eval()
+    x, y = to_tensors(preprocess, test[0][:FEATURE_IMAGES], test[1][:FEATURE_IMAGES], "test")
+    return Features("untuned", tail_features(vit, cut or Cut(), x), y.numpy())
+
+
+# ------------------------------------------------------------------------------ costs of a step
+
+
+def weights_bytes(params: Params) -> int:
+    """The exact serialized size of float32 weights (safetensors), as they would be sent."""
+    return len(safetensors_save(params))
+
+
+def probe(step: Callable[[], None], weights: Sequence[torch.Tensor]) -> tuple[float, int]:
+    """FLOPs of `step` and the bytes autograd saves for backward in it (weights not counted:
+    a view of a weight shares its storage, so it is known by its data pointer)."""
+    weight_ptrs = {w.untyped_storage().data_ptr() for w in weights}
+    saved: dict[int, int] = {}  # storage pointer -> bytes, each storage counted once
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weight_ptrs:
+            saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    for w in weights:
+        w.grad = None
+    return float(counter.get_total_flops()), sum(saved.values())
+
+
+def split_batch_bytes(
+    device_id: str,
+    round: int,
+    step: int,
+    h: np.ndarray,
+    z: np.ndarray,
+    grad_z: np.ndarray,
+    grad_h: np.ndarray,
+) -> tuple[int, int]:
+    """(up, down) bytes of one split-training batch: the codec's SMASHED + GRAD_Z up and
+    BODY_OUT + GRAD_H down, the real messages the device and the server would exchange."""
+    up = len(encode(Smashed(device_id=device_id, round=round, step=step, h=h)))
+    up += len(encode(GradZ(device_id=device_id, round=round, step=step, grad_z=grad_z)))
+    down = len(encode(BodyOut(device_id=device_id, round=round, step=step, z=z)))
+    down += len(encode(GradH(device_id=device_id, round=round, step=step, grad_h=grad_h)))
+    return up, down
+
+
+@dataclass
+class DeviceCost:
+    """One device's share of a round."""
+
+    loss: float  # mean training loss
+    bytes_up: float
+    bytes_down: float
+    device_flops: float
+    server_flops: float = 0.0
+
+
+def nbytes(params: Iterable[torch.Tensor]) -> int:
+    """Bytes the tensors' elements take in memory."""
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+class Trained:
+    """The weights a device trains and sends, by the key its update would carry."""
+
+    measured: dict[str, bool] = {}
+    notes: list[str] = []
+
+    def __init__(self, trained: dict[str, nn.Parameter], cfg: BaselineConfig) -> None:
+        for p in trained.values():
+            p.requires_grad_(True)
+        self.trained = trained
+        self.cfg = cfg
+        self.params = self.state()  # the global weights
+        self.size = weights_bytes(self.params)
+
+    def state(self) -> Params:
+        return {k: p.detach().numpy().copy() for k, p in self.trained.items()}
+
+    def load(self, params: Params) -> None:
+        with torch.no_grad():
+            for key, p in self.trained.items():
+                p.copy_(torch.from_numpy(params[key]))
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        """A device's optimiser: fresh momentum every round, as the devices start afresh."""
+        return torch.optim.SGD(list(self.trained.values()), lr=self.cfg.lr, momentum=MOMENTUM)
+
+    def aggregate(self, updates: list[tuple[Params, int]]) -> None:
+        """Sample-weighted FedAvg with the server learning rate; the model holds the result."""
+        self.params = fedavg(self.params, updates, self.cfg.server_lr)
+        self.load(self.params)
+
+
+class FlRun(Trained):
+    """fl_full trains every weight; fl_prompt trains VPT-shallow prompts + the tail only.
+    Every device holds the whole model; the server averages what they train."""
+
+    measured = {"memory": False, "bytes": False, "flops": True}
+
+    def __init__(self, method: str, vit: VisionTransformer, cut: Cut, cfg: BaselineConfig):
+        if method not in ("fl_full", "fl_prompt"):
+            raise ValueError(f"FlRun runs fl_full or fl_prompt, not {method!r}")
+        self.vit = vit.eval()
+        for p in vit.parameters():
+            p.requires_grad_(False)
+        if method == "fl_full":
+            super().__init__(dict(vit.named_parameters()), cfg)
+            self.forward: Callable[[torch.Tensor], torch.Tensor] = vit
+        else:
+            split = SplitViT.cut_model(vit, cut)
+            prompt = nn.Parameter(init_prompt(cut, vit.embed_dim, cfg.seed))
+            tail = dict(split.tail.named_parameters())
+            keys = split.tail_keys().items()
+            super().__init__({PROMPT_KEY: prompt, **{k: tail[n] for n, k in keys}}, cfg)
+            self.forward = partial(split.forward, prompt=prompt)
+        self.flops_per_sample = 0.0
+        what = "every weight" if method == "fl_full" else "prompt + tail"
+        self.notes = [
+            f"bytes: exact safetensors size of {what} ({self.size} B) each way, not a wire count",
+            "device memory: estimate (weights, gradients, momentum, saved activations)",
+            "device FLOPs: FlopCounterMode on one training batch, scaled by samples",
+        ]
+
+    def probe(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Count FLOPs per sample; return the estimated device peak in MB."""
+        held = {id(p): p for p in [*self.vit.parameters(), *self.trained.values()]}
+        step = lambda: F.cross_entropy(self.forward(x), y).backward()  # noqa: E731
+        flops, saved = probe(step, list(held.values()))
+        self.flops_per_sample = flops / len(y)
+        trained = nbytes(self.trained.values())
+        return (nbytes(held.values()) + 2 * trained + saved) / 2**20
+
+    def local_train(self, x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> float:
+        """`local_epochs` of SGD on one shard from the weights loaded; the mean training loss."""
+        optimizer, losses = self.optimizer(), []
+        self.vit.train()
+        for _ in range(self.cfg.local_epochs):
+            for idx in batches(len(y), self.cfg.batch_size, rng):
+                loss = F.cross_entropy(self.forward(x[idx]), y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+        self.vit.eval()
+        return float(np.mean(losses))
+
+    def round(self, number: int, data: DeviceData, rng: np.random.Generator) -> list[DeviceCost]:
+        """Every device trains from the global weights; FedAvg of what they return."""
+        updates, costs = [], []
+        for x, y in data.values():
+            self.load(self.params)
+            loss = self.local_train(x, y, rng)
+            updates.append((self.state(), len(y)))
+            flops = self.flops_per_sample * len(y) * self.cfg.local_epochs
+            costs.append(DeviceCost(loss, self.size, self.size, flops))
+        self.aggregate(updates)
+        return costs
+
+
+class SflRun(Trained):
+    """SFL (SplitFed v2): head + tail on the device (every weight trained, no prompts), the body
+    on the server, trained on every batch; devices are served one after another in a round."""
+
+    measured = {"memory": False, "bytes": True, "flops": True}
+
+    def __init__(self, vit: VisionTransformer, cut: Cut, cfg: BaselineConfig):
+        Cut(cut.head_blocks, cut.tail_blocks, 1).check(len(vit.blocks))  # Cut.check wants prompts
+        self.vit = vit.eval()
+        self.cut = Cut(cut.head_blocks, cut.tail_blocks, 0)
+        self.tail_input = tail_input_for(vit, self.cut)
+        self.tail = Tail(vit, self.cut, self.tail_input)
+        self.body_blocks = vit.blocks[cut.head_blocks : len(vit.blocks) - cut.tail_blocks]
+        server = {id(p) for p in self.body_blocks.parameters()}
+        device = {n: p for n, p in vit.named_parameters() if id(p) not in server}
+        super().__init__(device, cfg)
+        self.server = list(self.body_blocks.parameters())
+        for p in self.server:
+            p.requires_grad_(True)
+        self.server_opt = torch.optim.SGD(self.server, lr=cfg.lr, momentum=MOMENTUM)
+        self.device_per_sample = self.server_per_sample = 0.0
+        self.notes = [
+            "bytes: codec sizes of SMASHED, BODY_OUT, GRAD_Z and GRAD_H per batch, plus the "
+            f"safetensors size of head + tail ({self.size} B) each way per round",
+            "device memory: estimate (weights, gradients, momentum, saved activations)",
+            "FLOPs: FlopCounterMode on one batch of head, body and tail, scaled by samples",
+        ]
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return run_blocks(self.vit, self.cut.head_blocks, x)  # (B, T, D)
+
+    def body(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.body_blocks(h)  # (B, T, D)
+        return select_tail_input(z, self.tail_input, self.vit.num_prefix_tokens)  # (B, R', D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.body(self.head(x)))
+
+    def probe(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Count device and server FLOPs per sample; return the estimated device peak in MB."""
+        device = list(self.trained.values())
+        with torch.no_grad():
+            h = self.head(x)
+            z = self.body(h).requires_grad_(True)
+        h.requires_grad_(True)
+        head_flops, head_saved = probe(lambda: self.head(x).sum().backward(), device)
+        step = lambda: F.cross_entropy(self.tail(z), y).backward()  # noqa: E731
+        tail_flops, tail_saved = probe(step, device)
+        server_flops, _ = probe(lambda: self.body(h).sum().backward(), self.server)
+        self.device_per_sample = (head_flops + tail_flops) / len(y)
+        self.server_per_sample = server_flops / len(y)
+        return (3 * nbytes(device) + head_saved + tail_saved) / 2**20
+
+    def device_round(
+        self,
+        device_id: str,
+        number: int,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        rng: np.random.Generator,
+    ) -> tuple[float, int, int]:
+        """One device's split training, batch by batch as over the wire: the mean loss and the
+        activation bytes up and down. The server steps its body after every batch."""
+        optimizer, losses, up, down = self.optimizer(), [], 0, 0
+        self.vit.train()
+        for step, idx in enumerate(
+            i
+            for _ in range(self.cfg.local_epochs)
+            for i in batches(len(y), self.cfg.batch_size, rng)
+        ):
+            h = self.head(x[idx])  # device
+            h_sent = h.detach().requires_grad_(True)
+            z = self.body(h_sent)  # server
+            z_sent = z.detach().requires_grad_(True)
+            loss = F.cross_entropy(self.tail(z_sent), y[idx])  # device
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.server_opt.zero_grad(set_to_none=True)
+            z.backward(z_sent.grad)  # server: body weights and dL/dh
+            self.server_opt.step()
+            h.backward(h_sent.grad)  # device: head weights
+            optimizer.step()
+            grad_z, grad_h = z_sent.grad, h_sent.grad
+            assert grad_z is not None and grad_h is not None  # both were leaves that need grad
+            arrays = (h_sent.detach(), z_sent.detach(), grad_z, grad_h)
+            sizes = split_batch_bytes(device_id, number, step, *(a.numpy() for a in arrays))
+            up, down = up + sizes[0], down + sizes[1]
+            losses.append(loss.item())
+        self.vit.eval()
+        return float(np.mean(losses)), up, down
+
+    def round(self, number: int, data: DeviceData, rng: np.random.Generator) -> list[DeviceCost]:
+        updates, costs = [], []
+        for index, (x, y) in data.items():
+            self.load(self.params)
+            loss, up, down = self.device_round(f"dev-{index}", number, x, y, rng)
+            updates.append((self.state(), len(y)))
+            samples = len(y) * self.cfg.local_epochs
+            device, server = self.device_per_sample * samples, self.server_per_sample * samples
+            costs.append(DeviceCost(loss, up + self.size, down + self.size, device, server))
+        self.aggregate(updates)
+        return costs
+
+
+# ---------------------------------------------------------------------------------- one method
+
+
+def run_baseline(
+    method: str,
+    build_model: Callable[[], VisionTransformer],
+    preprocess: dict,
+    shards: list[Shard],
+    test: Shard,
+    cfg: BaselineConfig,
+    cut: Cut | None = None,
+    progress: Callable[[str], None] = lambda m: None,
+) -> tuple[MethodResult, Features | None]:
+    """Run one baseline for `cfg.rounds` rounds; the per-round record and, for fl_full, the
+    features of the final model on up to 500 test images.
+
+    `cut` places SFL's split and fl_prompt's prompts, and decides what "the tail reads" for
+    the features (default: Cut()). Raises ValueError for an unknown method, no or empty shards,
+    or labels the model cannot predict.
+    """
+    if method not in BASELINES:
+        raise ValueError(f"run_baseline runs {BASELINES}, not {method!r}")
+    if not shards:
+        raise ValueError("run_baseline needs at least one shard")
+    cut = cut or Cut()
+    torch.manual_seed(cfg.seed)
+    pick_rng = np.random.default_rng(cfg.seed)  # which devices, as the cloud server picks them
+    train_rng = np.random.default_rng([cfg.seed, 1])  # batch order
+    vit = build_model()
+    data = {i: to_tensors(preprocess, im, lb, f"shard {i}") for i, (im, lb) in enumerate(shards)}
+    test_x, test_y = to_tensors(preprocess, test[0], test[1], "test")
+    for name, y in [*((f"shard {i}", y) for i, (_, y) in data.items()), ("test", test_y)]:
+        if len(y) == 0:
+            raise ValueError(f"{name} is empty: every device needs data, and so does the test")
+        if int(y.min()) < 0 or int(y.max()) >= vit.num_classes:
+            raise ValueError(f"{name}: labels must lie in [0, {vit.num_classes})")
+    run = SflRun(vit, cut, cfg) if method == "sfl" else FlRun(method, vit, cut, cfg)
+    x, y = max(data.values(), key=lambda d: len(d[1]))
+    peak_mb = run.probe(x[: cfg.batch_size], y[: cfg.batch_size])
+    result = MethodResult(method, len(shards), notes=list(run.notes))
+    for number in range(1, cfg.rounds + 1):
+        started = time.time()
+        selected = select_devices(len(shards), cfg.fraction, pick_rng)
+        costs = run.round(number, {i: data[i] for i in selected}, train_rng)
+        accuracy, loss = evaluate(run.forward, test_x, test_y)
+        minutes = [
+            round_minutes(c.device_flops, c.server_flops, c.bytes_up, c.bytes_down, cfg)
+            for c in costs
+        ]
+        record = RoundRecord(
+            round=number,
+            accuracy=accuracy,
+            loss=loss,
+            bytes_up=float(np.mean([c.bytes_up for c in costs])),
+            bytes_down=float(np.mean([c.bytes_down for c in costs])),
+            device_flops=float(np.mean([c.device_flops for c in costs])),
+            device_peak_mb=peak_mb,
+            seconds=time.time() - started,
+            est_round_minutes=float(np.mean(minutes)),
+            measured=dict(run.measured),
+        )
+        result.rounds.append(record)
+        progress(
+            f"{method} round {number}/{cfg.rounds}: accuracy {accuracy:.3f}, test loss {loss:.3f}, "
+            f"train loss {np.mean([c.loss for c in costs]):.3f} ({record.seconds:.1f} s)"
+        )
+    if method != "fl_full":
+        return result, None
+    n = FEATURE_IMAGES
+    return result, Features("fl_full", tail_features(vit, cut, test_x[:n]), test_y[:n].numpy())

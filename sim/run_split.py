@@ -1,0 +1,200 @@
+"""Run one split method as a real federation on this machine and read back what it measured.
+
+An embedded Mosquitto, one `sfprompt-cloud serve` process and one `sfprompt-edge start` process
+per device (with torch made unloadable, as on a Raspberry Pi), all on loopback. SFPrompt and its
+ablations differ only in the server's phase settings; SFL+Linear uses a bundle without prompts
+and neither pruning nor the local phase. Bytes are what crossed the wire; device memory is the
+peak RSS each device measured with psutil; FLOPs are counted from the model's shape.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from timm.models.vision_transformer import VisionTransformer
+
+from sfprompt.cloud_server.metrics import MetricsLog
+from sfprompt.export.split_vit import Cut
+from sfprompt.protocol.broker import EmbeddedBroker
+
+from .costs import Links, round_minutes, sfprompt_round_flops
+from .results import MethodResult, RoundRecord
+
+BIN = Path(sys.executable).parent
+NO_TORCH = (
+    "import sys\n"
+    "for name in ('torch', 'timm', 'torchvision'):\n"
+    "    sys.modules[name] = None  # a device trains without PyTorch\n"
+    "from sfprompt.edge_client.cli import main\n"
+    "sys.argv = ['sfprompt-edge', 'start', *sys.argv[1:]]\n"
+    "main()\n"
+)
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """The server's round settings for one split method (see `method_settings`)."""
+
+    rounds: int
+    keep_ratio: float
+    local_epochs: int
+    local_lr: float
+    split_lr: float
+    batch_size: int
+    server_lr: float = 1.0
+    fraction: float = 1.0
+    seed: int = 0
+    round_timeout_s: float = 600.0
+
+
+def method_settings(method: str, base: SplitSettings) -> SplitSettings:
+    """SFPrompt's ablations switch one phase off; SFL+Linear switches both off."""
+    from dataclasses import replace
+
+    if method == "sfprompt":
+        return base
+    if method == "sfprompt_no_prune":
+        return replace(base, keep_ratio=1.0)
+    if method == "sfprompt_no_local":
+        return replace(base, local_epochs=0)
+    if method == "sfl_linear":
+        return replace(base, keep_ratio=1.0, local_epochs=0)
+    raise ValueError(f"{method} is not run as a split federation here")
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """What the FLOPs and the round-time estimate are computed from."""
+
+    vit: VisionTransformer
+    cut: Cut
+    links: Links
+
+
+def run_split_method(
+    method: str,
+    server_bundle: Path,
+    device_bundle: Path,
+    shards: list[Path],
+    test: Path,
+    settings: SplitSettings,
+    costs: CostModel,
+    out: Path,
+    progress: Callable[[int, float | None], None] = lambda done, accuracy: None,
+) -> MethodResult:
+    """Run the federation to its last round; raises RuntimeError naming the process that failed."""
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    with EmbeddedBroker(out / "broker") as broker:
+        broker.start()
+        server = _server(broker.url, server_bundle, test, settings, len(shards), out, logs)
+        devices = [
+            _device(broker.url, device_bundle, shard, f"device-{i:03d}", logs)
+            for i, shard in enumerate(shards)
+        ]
+        try:
+            _wait(server, devices, out / "server" / "metrics.jsonl", settings.rounds, progress)
+        finally:
+            _stop(server, *devices)
+    if server.returncode != 0:
+        tail = (logs / "server.log").read_text()[-2000:]
+        raise RuntimeError(f"{method}: the server failed (exit {server.returncode}):\n{tail}")
+    return _result(
+        method, len(shards), MetricsLog.read(out / "server" / "metrics.jsonl"), settings, costs
+    )
+
+
+def _server(url, bundle, test, s: SplitSettings, devices: int, out: Path, logs: Path):
+    args = [
+        str(BIN / "sfprompt-cloud"), "serve", "--no-progress", "-v",
+        "--bundle", str(bundle), "--broker", url, "--out", str(out / "server"),
+        "--test-data", str(test), "--eval-samples", "100000",
+        "--rounds", str(s.rounds), "--min-devices", str(devices), "--fraction", str(s.fraction),
+        "--keep-ratio", str(s.keep_ratio), "--local-epochs", str(s.local_epochs),
+        "--local-lr", str(s.local_lr), "--split-lr", str(s.split_lr),
+        "--batch-size", str(s.batch_size), "--server-lr", str(s.server_lr),
+        "--seed", str(s.seed), "--round-timeout", str(s.round_timeout_s),
+        "--wait-for-devices", "300",
+    ]  # fmt: skip
+    return subprocess.Popen(args, stdout=open(logs / "server.log", "wb"), stderr=subprocess.STDOUT)
+
+
+def _device(url: str, bundle: Path, shard: Path, device_id: str, logs: Path):
+    args = [
+        sys.executable, "-c", NO_TORCH, "--bundle", str(bundle), "--data", str(shard),
+        "--broker", url, "--device-id", device_id, "--leave-when-server-stops", "--threads", "1",
+    ]  # fmt: skip
+    log = logs / f"{device_id}.log"
+    return subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+
+def _wait(server, devices, metrics: Path, rounds: int, progress) -> None:  # noqa: ANN001
+    done = 0
+    while server.poll() is None:
+        time.sleep(0.5)
+        lines = MetricsLog.read(metrics) if metrics.exists() else []
+        if len(lines) > done:
+            done = len(lines)
+            progress(done, lines[-1].get("accuracy"))
+        if any(d.poll() not in (None, 0) for d in devices) and not lines:
+            raise RuntimeError("a device process failed before the first round; see its log")
+
+
+def _stop(*procs: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 30
+    for proc in procs:
+        if proc.poll() is None and proc is procs[0]:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _result(
+    method: str, clients: int, lines: list[dict], s: SplitSettings, costs: CostModel
+) -> MethodResult:
+    result = MethodResult(method, clients)
+    result.notes.append(
+        "bytes measured on the wire (MQTT payloads); memory is each device's peak RSS"
+    )
+    for line in lines:
+        stats = [v for d, v in line["devices"].items() if d in line["accepted"]]
+        if not stats:
+            continue
+        up = np.mean([v.get("bytes_up_split", 0) + v.get("bytes_up_update", 0) for v in stats])
+        down = np.mean([v.get("bytes_down_split", 0) + v.get("bytes_down_task", 0) for v in stats])
+        local = np.mean([v.get("local_samples", 0) for v in stats])
+        kept = np.mean([v.get("kept", 0) for v in stats])
+        scored = int(local) if s.local_epochs == 0 and s.keep_ratio < 1.0 else 0
+        device_flops, server_flops = sfprompt_round_flops(
+            costs.vit, costs.cut, int(local), s.local_epochs, int(kept), 1, scored
+        )
+        result.rounds.append(
+            RoundRecord(
+                round=line["round"],
+                accuracy=float(line["accuracy"]),
+                loss=float(line["loss"]),
+                bytes_up=float(up),
+                bytes_down=float(down),
+                device_flops=float(device_flops),
+                device_peak_mb=float(np.max([v.get("peak_rss_mb", 0) for v in stats])),
+                seconds=float(line["seconds"]),
+                est_round_minutes=round_minutes(device_flops, server_flops, up, down, costs.links),
+                measured={"bytes": True, "memory": True, "flops": False},
+            )
+        )
+    return result
