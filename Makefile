@@ -6,7 +6,7 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEMO   ?= runs/demo
+DEMO   ?= runs/sim
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup mosquitto demo test lint clean
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m sfprompt.demo --out $(DEMO)
+	$(VENV)/bin/sfprompt-sim --out $(DEMO)
 
 test: setup
 	$(PY) -m pytest
