@@ -52,6 +52,14 @@ def devices(bundle, broker, shards, tmp_path: Path, *extra: str):
     ]
 
 
+def restart_device(bundle, broker, shard: Path, i: int, tmp_path: Path):
+    return start_device(
+        "--bundle", str(bundle.device_dir), "--data", str(shard), "--broker", broker.url,
+        "--device-id", f"dev-{i}", "--request-timeout", "15", "--leave-when-server-stops",
+        log=tmp_path / f"dev-{i}-again.log",
+    )  # fmt: skip
+
+
 def test_server_killed_and_restarted_resumes_from_its_last_round(small_export, broker, tmp_path):
     shards = write_shards(tmp_path / "data", devices=2, per_device=32)
     out = tmp_path / "server"
@@ -102,10 +110,7 @@ def test_devices_that_vanish_mid_round_do_not_stall_the_federation(small_export,
         fleet[2].send_signal(signal.SIGKILL)
         wait_for(lambda: metrics_lines(out / "metrics.jsonl"), 60, "the end of round 1")
         fleet[1].send_signal(signal.SIGCONT)
-        (tmp_path / "again").mkdir()
-        fleet[2] = devices(
-            small_export, broker, shards, tmp_path / "again", "--leave-when-server-stops"
-        )[2]
+        fleet[2] = restart_device(small_export, broker, shards[2], 2, tmp_path)
         assert finish(server, 150, tmp_path / "server.log") == 0
         for i, proc in enumerate(fleet):
             assert finish(proc, 30, tmp_path / f"dev-{i}.log") == 0
