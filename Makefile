@@ -32,7 +32,7 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q tests/test_packaging.py -k import_contracts
 
 clean:
 	rm -rf $(VENV) runs
