@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -14,7 +15,8 @@ from sfprompt.config_file import merge_config
 
 from .results import METHODS
 
-console = Console()
+# Wide enough for the summary table when the output goes to a log rather than a terminal.
+console = Console(width=None if sys.stdout.isatty() else 180)
 
 
 def _csv(kind: type) -> click.ParamType:
