@@ -32,9 +32,10 @@ def partition_dirichlet(
 ) -> list[np.ndarray]:
     """Disjoint, sorted index arrays covering every sample, each class split by Dir(alpha).
 
-    Redraws the whole partition until every device holds at least `min_size` samples; raises
-    `ValueError` when `DIRICHLET_ATTEMPTS` draws all fail (alpha too small for this many
-    devices and samples).
+    Redraws the whole partition until every device holds at least `min_size` samples; when
+    `DIRICHLET_ATTEMPTS` draws all fall short (alpha too small for this many devices and
+    samples), the best draw is topped up from the largest device. Raises `ValueError` only when
+    `min_size` per device is impossible.
     """
     n = _check(labels, clients)
     if not alpha > 0:
@@ -45,6 +46,7 @@ def partition_dirichlet(
         )
     labels = np.asarray(labels)
     by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    best: list[np.ndarray] = []
     for _ in range(DIRICHLET_ATTEMPTS):
         parts: list[list[np.ndarray]] = [[] for _ in range(clients)]
         for members in by_class:
@@ -55,11 +57,26 @@ def partition_dirichlet(
         joined = [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
         if min(len(p) for p in joined) >= min_size:
             return joined
-    raise ValueError(
-        f"Dirichlet alpha={alpha} over {clients} devices is too extreme for {n} samples in "
-        f"{len(by_class)} classes: after {DIRICHLET_ATTEMPTS} draws some device still had fewer "
-        f"than {min_size} samples; raise alpha, use fewer devices or lower min_size"
-    )
+        if not best or min(map(len, joined)) > min(map(len, best)):
+            best = joined
+    return _top_up(best, min_size, rng)
+
+
+def _top_up(parts: list[np.ndarray], min_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Give each device short of `min_size` samples drawn from the largest device.
+
+    Many devices over few samples at a small alpha (the clients sweep on a small data set)
+    leave some devices nearly empty in every draw; moving a few samples keeps the skew of the
+    draw while letting every device train. (The caller checked min_size * clients <= n.)
+    """
+    parts = [p.copy() for p in parts]
+    for device in range(len(parts)):
+        while len(parts[device]) < min_size:
+            donor = int(np.argmax([len(p) for p in parts]))
+            take = rng.integers(len(parts[donor]))
+            parts[device] = np.sort(np.append(parts[device], parts[donor][take]))
+            parts[donor] = np.delete(parts[donor], take)
+    return parts
 
 
 def label_histogram(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:

@@ -83,10 +83,15 @@ def test_same_seed_same_partition() -> None:
     )
 
 
-def test_too_extreme_alpha_is_a_clear_error() -> None:
-    """20 samples, 10 devices needing 2 each at alpha 0.01: no draw can succeed in practice."""
-    with pytest.raises(ValueError, match="too extreme"):
-        partition_dirichlet(np.repeat(np.arange(2), 10), 10, 0.01, np.random.default_rng(0))
+def test_too_extreme_alpha_is_topped_up_to_the_minimum_and_stays_skewed() -> None:
+    """20 samples, 10 devices needing 2 each at alpha 0.01: no draw succeeds, so the best one
+    is topped up from the largest devices; impossible minimums are still refused."""
+    labels = np.repeat(np.arange(2), 10)
+    parts = partition_dirichlet(labels, 10, 0.01, np.random.default_rng(0))
+    assert sorted(np.concatenate(parts).tolist()) == list(range(20))
+    assert min(len(p) for p in parts) == 2
+    with pytest.raises(ValueError, match="impossible"):
+        partition_dirichlet(labels, 10, 0.1, np.random.default_rng(0), min_size=3)
     with pytest.raises(ValueError, match="alpha must be positive"):
         partition_dirichlet(LABELS, 10, 0.0, np.random.default_rng(0))
     with pytest.raises(ValueError, match="devices"):
