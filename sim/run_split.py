@@ -9,6 +9,7 @@ peak RSS each device measured with psutil; FLOPs are counted from the model's sh
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -89,7 +90,9 @@ def run_split_method(
     progress: Callable[[int, float | None], None] = lambda done, accuracy: None,
 ) -> MethodResult:
     """Run the federation to its last round; raises RuntimeError naming the process that failed."""
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # a fresh federation: the server would resume an old run's checkpoint
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     with EmbeddedBroker(out / "broker") as broker:
