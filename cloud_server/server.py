@@ -199,7 +199,7 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> list[dict]:
             out / "checkpoint.safetensors",
             MetricsLog(out / "metrics.jsonl"),
             evaluate,
-            on_round=lambda m: (progress.update(m), exporter and exporter.observe(m)),
+            on_round=lambda m: _after_round(m, progress, exporter, coordinator),
             on_device_gone=store.drop_device,
         ).attach()
         if coordinator.resume():
@@ -238,6 +238,18 @@ def run_worker(cfg: WorkerConfig, stop: threading.Event | None = None) -> None:
     finally:
         client.close()
         batcher.stop()
+
+
+def _after_round(
+    metrics: RoundMetrics,
+    progress: _RoundProgress,
+    exporter: PrometheusExporter | None,
+    coordinator: Coordinator,
+) -> None:
+    progress.update(metrics)
+    if exporter is not None:
+        exporter.observe(metrics)
+        exporter.set_online(len(coordinator.registry.online()))
 
 
 class _RoundProgress:
