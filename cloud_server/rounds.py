@@ -22,7 +22,7 @@ import numpy as np
 
 from sfprompt.protocol.client_config import Inbound
 from sfprompt.protocol.codec import encode
-from sfprompt.protocol.errors import BUNDLE_MISMATCH, REJECTED
+from sfprompt.protocol.errors import BUNDLE_MISMATCH, REJECTED, TransportError
 from sfprompt.protocol.messages import (
     BROADCAST,
     Error,
@@ -247,13 +247,17 @@ class Coordinator:
             devices_online=len(self.registry.online()),
             text=text,
         )
-        final = state in ("finished", "stopped")  # the process may exit next: wait for PUBACK
-        self.client.publish(
-            self.client.config.topics.server_status(),
-            status,
-            retain=True,
-            timeout=10.0 if final else None,
-        )
+        # The process may exit next: wait for the PUBACK, unless the broker is already gone.
+        final = state in ("finished", "stopped") and self.client.connected
+        try:
+            self.client.publish(
+                self.client.config.topics.server_status(),
+                status,
+                retain=True,
+                timeout=10.0 if final else None,
+            )
+        except TransportError as exc:  # shutting down with the broker gone: nothing to tell
+            log.warning("could not publish the server status %r: %s", state, exc)
 
     # ---- handlers (dispatcher thread) --------------------------------------------------------
     def _on_join(self, inbound: Inbound) -> Message | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from dataclasses import fields
@@ -168,6 +169,7 @@ def main(ctx: click.Context, config_file: Path | None, **flags: Any) -> None:
     if unknown:
         raise click.UsageError(f"unknown method(s) {', '.join(sorted(unknown))}")
     cfg = SimConfig(**{f.name: values[f.name] for f in fields(SimConfig) if f.name in values})
+    _interrupt_on_signals()
     start = time.perf_counter()
     try:
         results, report_dir = run_simulation(cfg, say=lambda m: console.log(m))
@@ -178,3 +180,14 @@ def main(ctx: click.Context, config_file: Path | None, **flags: Any) -> None:
         raise click.ClickException(str(exc)) from exc
     print_summary(results, console)
     console.print(f"report: {report_dir / 'summary.md'} ({time.perf_counter() - start:.0f} s)")
+
+
+def _interrupt_on_signals() -> None:
+    """Ctrl-C and SIGTERM both stop the run (every child process is stopped on the way out),
+    even where a launcher started us with SIGINT ignored."""
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)

@@ -9,6 +9,7 @@ peak RSS each device measured with psutil; FLOPs are counted from the model's sh
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -102,16 +103,20 @@ def run_split_method(
             _device(broker.url, device_bundle, shard, f"device-{i:03d}", logs)
             for i, shard in enumerate(shards)
         ]
+        finished = False
         try:
             _wait(server, devices, out / "server" / "metrics.jsonl", settings.rounds, progress)
-        finally:
-            _stop(server, *devices)
-    if server.returncode != 0:
+            finished = True
+        finally:  # on Ctrl-C or an error, stop every process at once
+            _stop([server, *devices], grace_s=30.0 if finished else 0.0)
+    lines = MetricsLog.read(out / "server" / "metrics.jsonl") if finished else []
+    if server.returncode != 0 or len(lines) < settings.rounds:
         tail = (logs / "server.log").read_text()[-2000:]
-        raise RuntimeError(f"{method}: the server failed (exit {server.returncode}):\n{tail}")
-    return _result(
-        method, len(shards), MetricsLog.read(out / "server" / "metrics.jsonl"), settings, costs
-    )
+        raise RuntimeError(
+            f"{method}: the server stopped after {len(lines)} of {settings.rounds} rounds "
+            f"(exit {server.returncode}); its log ends:\n{tail}"
+        )
+    return _result(method, len(shards), lines, settings, costs)
 
 
 def _server(url, bundle, test, s: SplitSettings, devices: int, out: Path, logs: Path):
@@ -150,21 +155,22 @@ def _wait(server, devices, metrics: Path, rounds: int, progress) -> None:  # noq
             raise RuntimeError("a device process failed before the first round; see its log")
 
 
-def _stop(*procs: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 30
+def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
+    """Let processes end by themselves for `grace_s` (devices leave once the server has
+    finished), then SIGTERM them (a clean stop), then SIGKILL what is left."""
+    deadline = time.monotonic() + grace_s
     for proc in procs:
-        if proc.poll() is None and proc is procs[0]:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.poll() is None:
             proc.terminate()
     for proc in procs:
         try:
-            proc.wait(max(1.0, deadline - time.monotonic()))
+            proc.wait(10)
         except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            proc.kill()
+            proc.wait()
 
 
 def _result(
