@@ -84,7 +84,7 @@ def _csv(kind: type) -> click.ParamType:
 @click.option(
     "--methods",
     type=_csv(str),
-    default="sfprompt,sfl_linear,fl_full",
+    default="sfprompt,sfl,sfl_linear,fl_full",
     show_default=True,
     help=f"Any of: {', '.join(METHODS)}.",
 )

@@ -20,7 +20,7 @@ from sfprompt.export.split_vit import Cut
 
 from .results import SPLIT_METHODS, Features, MethodResult
 
-DEFAULT_METHODS = ("sfprompt", "sfl_linear", "fl_full")
+DEFAULT_METHODS = ("sfprompt", "sfl", "sfl_linear", "fl_full")
 CACHE = Path.home() / ".cache" / "sfprompt"
 
 

@@ -29,7 +29,7 @@ def test_sfprompt_sim_runs_the_default_comparison_and_reports(tmp_path: Path) ->
                  "accuracy_vs_bytes.png", "memory.png", "tsne.png"):  # fmt: skip
         assert (report / name).stat().st_size > 0, name
     results = {r["method"]: r for r in json.loads((report / "results.json").read_text())}
-    assert set(results) == {"sfprompt", "sfl_linear", "fl_full"}
+    assert set(results) == {"sfprompt", "sfl", "sfl_linear", "fl_full"}
     for result in results.values():
         assert [r["round"] for r in result["rounds"]] == [1, 2]
         for record in result["rounds"]:
@@ -37,5 +37,7 @@ def test_sfprompt_sim_runs_the_default_comparison_and_reports(tmp_path: Path) ->
     wire = results["sfprompt"]["rounds"][0]
     assert wire["measured"]["bytes"] and wire["device_peak_mb"] > 0
     summary = (report / "summary.md").read_text()
-    assert "SFPrompt" in summary and "Bytes vs FL full" in summary
+    assert "SFPrompt" in summary and "Bytes vs FL full" in summary and "Bytes vs SFL" in summary
+    sfprompt_row = next(line for line in summary.splitlines() if line.startswith("| SFPrompt |"))
+    assert "n/a" not in sfprompt_row  # ratios to SFL and to FL full are both reported
     assert "SFPrompt" in proc.stdout  # the summary table is printed
