@@ -210,6 +210,7 @@ class ServerModel:
             export_batch=export.batch,
             opset=OPSET,
             tail_input=split.tail_input,
+            frozen_sha256=split.frozen_fingerprint(),
             parameters={k: TensorSpec(k, "float32", tuple(v.shape)) for k, v in initial.items()},
             preprocess=preprocess_config(vit),
             extra={"source": "timm (in memory, no bundle)"},

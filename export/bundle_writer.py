@@ -140,6 +140,7 @@ def _base_manifest(cfg: ExportConfig, split: SplitViT, role: str) -> dict[str, A
         export_batch=cfg.batch,
         opset=OPSET,
         tail_input=split.tail_input,
+        frozen_sha256=split.frozen_fingerprint(),
     )
 
 

@@ -11,6 +11,7 @@ T = R + P + N: R prefix tokens (class, distillation, register), P prompts, N pat
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -201,6 +202,17 @@ class SplitViT:
                 continue
             keys[name] = TAIL_PREFIX + timm_name
         return keys
+
+    def frozen_fingerprint(self) -> str:
+        """sha256 of every frozen weight (head and body): device and server bundles of one
+        export share it, so a device whose graphs hold other weights is refused at JOIN."""
+        digest = hashlib.sha256()
+        for prefix, state in (("head.", self.head.state_dict()), ("body.", self.body_state())):
+            for key in sorted(state):
+                tensor = state[key].detach().to("cpu", torch.float32).contiguous()
+                digest.update(f"{prefix}{key}{tuple(tensor.shape)}".encode())
+                digest.update(tensor.numpy().tobytes())
+        return digest.hexdigest()
 
     def body_state(self) -> dict[str, torch.Tensor]:
         """The body's weights under timm's keys (`blocks.{i}.…`)."""

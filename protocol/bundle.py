@@ -35,6 +35,7 @@ _CONTRACT_FIELDS = (
     "num_patches",
     "tail_input",
     "parameters",
+    "frozen_sha256",
 )
 
 
@@ -106,6 +107,7 @@ class Manifest:
     export_batch: int
     opset: int
     tail_input: TailInput | None = None
+    frozen_sha256: str = ""  # of the frozen head and body weights (SplitViT.frozen_fingerprint)
     graphs: dict[str, GraphSpec] = field(default_factory=dict)
     weights: dict[str, str] = field(default_factory=dict)  # role -> file name
     parameters: dict[str, TensorSpec] = field(default_factory=dict)  # trainable, by key

@@ -175,6 +175,10 @@ def test_from_timm_initial_parameters_equal_the_exporters(case: Case) -> None:
     assert model.manifest.parameters == server.parameters
     assert model.manifest.tail_input == server.tail_input
     assert model.manifest.tokens == server.tokens
+    assert model.manifest.contract_hash() == server.contract_hash()  # frozen weights included
+    torch.manual_seed(SEED + 1)
+    other = ServerModel.from_timm(case.cfg, BodyConfig(device="cpu"))  # other random weights
+    assert other.manifest.contract_hash() != server.contract_hash()
     h = random_h(model, 2)
     np.testing.assert_allclose(model.body_forward(h), case.model.body_forward(h), rtol=1e-5)
 

@@ -4,6 +4,7 @@ server keeps running and averages only the valid update."""
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 from pathlib import Path
 
@@ -69,6 +70,9 @@ def run_probe(export, url: str) -> tuple[Task, list[Error]]:
     client.subscribe(topics.device_inbox(ID), inbox)
     client.connect()
     try:
+        foreign = dataclasses.replace(manifest, frozen_sha256="0" * 64)  # other frozen weights
+        with pytest.raises(RemoteError, match="bundle_mismatch"):
+            join(client, foreign)
         join(client, manifest)
         task = tasks.get(timeout=60)
         check_body_matches_pytorch(client, export, task)
