@@ -20,13 +20,13 @@ from sfprompt.sim.baselines import (
     BASELINES,
     BaselineConfig,
     FlRun,
-    SflRun,
     evaluate,
     run_baseline,
     to_tensors,
     untuned_features,
 )
 from sfprompt.sim.costs import round_minutes
+from sfprompt.sim.sfl import SflRun
 
 TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}
 CLASSES = 4
