@@ -27,9 +27,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file as load_torch
 
-from sfprompt.export.bundle_writer import ExportConfig, preprocess_config
+from sfprompt.export.bundle_writer import ExportConfig, base_manifest, preprocess_config
 from sfprompt.export.model_loading import create_vit
-from sfprompt.export.onnx_export import OPSET
 from sfprompt.export.split_vit import Cut, SplitViT, init_prompt, select_tail_input
 from sfprompt.protocol.bundle import (
     PROMPT_KEY,
@@ -38,7 +37,6 @@ from sfprompt.protocol.bundle import (
     TensorSpec,
     load_manifest,
 )
-from sfprompt.protocol.version import PROTOCOL_VERSION
 
 Params = dict[str, np.ndarray]
 
@@ -195,22 +193,7 @@ class ServerModel:
         for name, key in split.tail_keys().items():
             initial[key] = tail_state[name].detach().cpu().numpy().copy()
         manifest = Manifest(
-            role="server",
-            protocol_version=PROTOCOL_VERSION,
-            model=export.model,
-            model_args=dict(export.model_args),
-            num_classes=export.num_classes,
-            prompts=split.cut.prompts,
-            head_blocks=split.cut.head_blocks,
-            tail_blocks=split.cut.tail_blocks,
-            depth=len(vit.blocks),
-            embed_dim=vit.embed_dim,
-            num_prefix_tokens=vit.num_prefix_tokens,
-            num_patches=vit.patch_embed.num_patches,
-            export_batch=export.batch,
-            opset=OPSET,
-            tail_input=split.tail_input,
-            frozen_sha256=split.frozen_fingerprint(),
+            **base_manifest(export, split, "server"),
             parameters={k: TensorSpec(k, "float32", tuple(v.shape)) for k, v in initial.items()},
             preprocess=preprocess_config(vit),
             extra={"source": "timm (in memory, no bundle)"},

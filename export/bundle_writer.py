@@ -122,7 +122,9 @@ def _fresh_dir(path: Path) -> Path:
     return path
 
 
-def _base_manifest(cfg: ExportConfig, split: SplitViT, role: str) -> dict[str, Any]:
+def base_manifest(cfg: ExportConfig, split: SplitViT, role: str) -> dict[str, Any]:
+    """The manifest fields of a cut model, shared by both bundles and the server's in-memory
+    manifest (`ServerModel.from_timm`), so their contract hashes agree."""
     vit = split.vit
     return dict(
         role=role,
@@ -195,7 +197,7 @@ def write_bundles(
     save_file({k: v.contiguous() for k, v in weights.items()}, str(device_dir / WEIGHTS_FILE))
     param_specs = {k: TensorSpec(k, "float32", tuple(v.shape)) for k, v in weights.items()}
     device = Manifest(
-        **_base_manifest(cfg, split, "device"),
+        **base_manifest(cfg, split, "device"),
         graphs=graphs,
         weights={"initial": WEIGHTS_FILE},
         parameters=param_specs,
@@ -212,7 +214,7 @@ def write_bundles(
     save_file(head_state, str(server_dir / "head.safetensors"))
     save_file({k: v.contiguous() for k, v in weights.items()}, str(server_dir / WEIGHTS_FILE))
     server = Manifest(
-        **_base_manifest(cfg, split, "server"),
+        **base_manifest(cfg, split, "server"),
         weights={"body": "body.safetensors", "head": "head.safetensors", "initial": WEIGHTS_FILE},
         parameters=param_specs,
         preprocess=preprocess_config(vit),

@@ -108,7 +108,7 @@ def run_split_method(
             _wait(server, devices, out / "server" / "metrics.jsonl", settings.rounds, progress)
             finished = True
         finally:  # on Ctrl-C or an error, stop every process at once
-            _stop([server, *devices], grace_s=30.0 if finished else 0.0)
+            stop_processes([server, *devices], grace_s=30.0 if finished else 0.0)
     lines = MetricsLog.read(out / "server" / "metrics.jsonl") if finished else []
     if server.returncode != 0 or len(lines) < settings.rounds:
         tail = (logs / "server.log").read_text()[-2000:]
@@ -155,7 +155,7 @@ def _wait(server, devices, metrics: Path, rounds: int, progress) -> None:  # noq
             raise RuntimeError("a device process failed before the first round; see its log")
 
 
-def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
+def stop_processes(procs: list[subprocess.Popen], grace_s: float) -> None:
     """Let processes end by themselves for `grace_s` (devices leave once the server has
     finished), then SIGTERM them (a clean stop), then SIGKILL what is left."""
     deadline = time.monotonic() + grace_s

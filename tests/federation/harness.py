@@ -17,6 +17,7 @@ import torch
 from sfprompt.export.bundle_writer import ExportConfig, ExportResult, write_bundles
 from sfprompt.export.model_loading import create_vit
 from sfprompt.export.split_vit import SplitViT
+from sfprompt.sim.run_split import stop_processes
 from tests.conftest import SMALL_VIT
 
 NO_TORCH = (
@@ -128,15 +129,8 @@ def finish(proc: subprocess.Popen[bytes], timeout: float, log: Path) -> int:
 
 
 def stop_all(*procs: subprocess.Popen[bytes]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """SIGTERM every process still running, SIGKILL any that does not stop in 10 s."""
+    stop_processes(list(procs), grace_s=0.0)
 
 
 def eager_split(result: ExportResult) -> tuple[SplitViT, dict[str, torch.Tensor]]:
