@@ -1,4 +1,4 @@
-"""The one wrapper around paho-mqtt (nothing else imports paho), used by devices and server.
+"""The one wrapper around paho-mqtt (only it and `paho_fixes` import paho), used by both sides.
 
 Always paho's VERSION2 callbacks and MQTT v5: persistent sessions (clean_start=False plus a
 session expiry), QoS 1, automatic reconnect with backoff, a retained Last Will, TLS and user
@@ -33,8 +33,10 @@ from .codec import CONTENT_TYPE, decode, encode, error_for, peek
 from .dedup import CachedReply, ReplyCache, SeenIds
 from .errors import ProtocolError, RemoteError, RequestTimeout, TransportError
 from .messages import BROADCAST, Chunk, Error, Message
+from .paho_fixes import install as install_paho_fixes
 
 log = logging.getLogger(__name__)
+install_paho_fixes()  # paho copies each payload twice per MQTT v5 property otherwise
 _PACKET_OVERHEAD = 4096  # fixed header, topic, properties: reserved below Maximum Packet Size
 
 
