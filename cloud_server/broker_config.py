@@ -1,15 +1,19 @@
-"""Write a production Mosquitto configuration: TLS, passwords, and an ACL per device.
+"""Write a production Mosquitto configuration: TLS, passwords, and access rules per device.
 
 What it writes under the output folder:
 
     mosquitto.conf          one TLS listener, no anonymous access, persistence on
-    acl                     each device reads/writes only its own topics; the server all of them
-    passwd                  PBKDF2-SHA512 hashes (mosquitto 2 `$7$` format)
+    dynamic-security.json   (--access dynsec, the default) users, password hashes and one role
+                            per device, for Mosquitto's dynamic-security plugin, which refuses
+                            a SUBSCRIBE to another device's topics (SUBACK 0x87)
+    passwd, acl             (--access acl-file) mosquitto's password_file and acl_file instead
     certs/ca.crt, ca.key    the CA that signs everything (keep ca.key offline)
     certs/server.crt, .key  the broker's certificate, for the given host names and IPs
-    clients/<id>/           per client (each device, and the server): ca.crt, client.crt,
-                            client.key, password -- copy this folder to that machine
+    clients/<id>/           per user (each device, the server, and with dynsec the admin):
+                            ca.crt, client.crt, client.key, password -- copy it to that machine
 
+Each device may publish only under its own up-tree and presence, and read only its own down-tree,
+the broadcasts and the server status; the server may use everything (`broker_access`).
 `cryptography` comes with the `cloud` extra; the CLI imports this module only when the command
 runs. Devices need both their certificate and their password (defence in depth: a leaked password
 alone, or a copied certificate alone, is not enough). Keys are written mode 0600.
@@ -17,29 +21,18 @@ alone, or a copied certificate alone, is not enough). Keys are written mode 0600
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
-import hashlib
-import ipaddress
-import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from sfprompt.protocol.messages import check_device_id
 from sfprompt.protocol.topics import Topics
 
-PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for `$7$` hashes
-SALT_BYTES = 12
+from . import broker_access as access
+from .broker_certs import cert_pem, key_pem, load_ca, make_ca, make_leaf, write_pem
 
 
 @dataclass(frozen=True)
@@ -55,96 +48,183 @@ class BrokerConfigOptions:
     max_packet_size: int = 16 << 20  # clients chunk payloads to fit under it
     days: int = 825
     topics: Topics = field(default_factory=Topics)
+    access: str = "dynsec"  # or "acl-file" (see broker_access)
+    dynsec_plugin: Path | None = None  # the plugin's path on the broker host; found if None
 
 
 @dataclass(frozen=True)
 class BrokerConfigFiles:
     config: Path
-    acl: Path
-    passwd: Path
+    access: tuple[Path, ...]  # dynamic-security.json, or passwd and acl
     ca_cert: Path
-    client_dirs: dict[
-        str, Path
-    ]  # user name -> folder with ca.crt, client.crt, client.key, password
+    client_dirs: dict[str, Path]  # user -> folder with ca.crt, client.crt, client.key, password
 
 
 def write_broker_config(
     options: BrokerConfigOptions, use_mosquitto_passwd: bool = True
 ) -> BrokerConfigFiles:
-    """Generate every file; raises ValueError for bad device ids or an existing non-empty folder."""
+    """Generate every file; raises ValueError for bad device ids, an existing non-empty folder,
+    or a dynamic-security plugin that cannot be found."""
     users = _check_users(options)
+    plugin = _plugin_path(options)
     out = options.out
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty; choose a new folder (nothing is overwritten)")
     (out / "certs").mkdir(parents=True)
     (out / "data").mkdir()
     home = (options.install_dir or out).resolve()
-
-    ca_key, ca_cert = _make_ca(options.days)
-    _write_pem(out / "certs" / "ca.key", _key_pem(ca_key), private=True)
-    _write_pem(out / "certs" / "ca.crt", _cert_pem(ca_cert))
-    server_key, server_cert = _make_leaf(
-        "sfprompt-broker", ca_key, ca_cert, options.days, server=True, names=options.hostnames
-    )
-    _write_pem(out / "certs" / "server.key", _key_pem(server_key), private=True)
-    _write_pem(out / "certs" / "server.crt", _cert_pem(server_cert))
-
-    passwords: dict[str, str] = {}
-    client_dirs: dict[str, Path] = {}
-    for user in users:
-        folder = out / "clients" / user
-        folder.mkdir(parents=True)
-        key, cert = _make_leaf(user, ca_key, ca_cert, options.days, server=False, names=())
-        _write_pem(folder / "client.key", _key_pem(key), private=True)
-        _write_pem(folder / "client.crt", _cert_pem(cert))
-        shutil.copyfile(out / "certs" / "ca.crt", folder / "ca.crt")
-        passwords[user] = secrets.token_urlsafe(24)
-        _write_pem(folder / "password", passwords[user].encode() + b"\n", private=True)
-        client_dirs[user] = folder
-
-    passwd = out / "passwd"
-    _write_passwords(passwd, passwords, use_mosquitto_passwd)
-    acl = out / "acl"
-    acl.write_text(_acl_text(options))
-    config = out / "mosquitto.conf"
-    config.write_text(_config_text(options, home))
-    return BrokerConfigFiles(config, acl, passwd, out / "certs" / "ca.crt", client_dirs)
+    passwords = _write_certificates(options, users)
+    if plugin is not None:
+        written: tuple[Path, ...] = (out / "dynamic-security.json",)
+        devices = list(users[1 : 1 + len(options.devices)])
+        config = access.dynsec_config(options.topics, options.server_user, devices, passwords)
+        access.write_dynsec_config(written[0], config)
+        access_lines = [f"plugin {plugin}", f"plugin_opt_config_file {home / written[0].name}"]
+    else:
+        written = (out / "passwd", out / "acl")
+        access.write_password_file(written[0], passwords, use_mosquitto_passwd)
+        written[1].write_text(access.acl_file_text(options.topics, options.server_user))
+        access_lines = [f"password_file {home / 'passwd'}", f"acl_file {home / 'acl'}"]
+    config_path = out / "mosquitto.conf"
+    config_path.write_text(_config_text(options, home, access_lines))
+    client_dirs = {user: out / "clients" / user for user in users}
+    return BrokerConfigFiles(config_path, written, out / "certs" / "ca.crt", client_dirs)
 
 
 def _check_users(options: BrokerConfigOptions) -> list[str]:
+    """Server first, then the devices, then (dynsec) the admin."""
     if not options.devices:
         raise ValueError("give at least one device id (--devices ID...)")
+    if options.access not in access.ACCESS_MODES:
+        raise ValueError(f"access must be one of {access.ACCESS_MODES}, not {options.access!r}")
     devices = [check_device_id(d, "device id") for d in options.devices]
     check_device_id(options.server_user, "server user")
-    if options.server_user in devices:
-        raise ValueError(f"device id {options.server_user!r} is the server's user name")
+    reserved = [options.server_user]
+    if options.access == "dynsec":
+        reserved.append(access.ADMIN_USER)
+        if options.server_user == access.ADMIN_USER:
+            raise ValueError(f"{access.ADMIN_USER!r} is reserved for the dynamic-security admin")
+    for name in reserved:
+        if name in devices:
+            raise ValueError(f"device id {name!r} is reserved (the server or admin user name)")
     if len(set(devices)) != len(devices):
         raise ValueError("device ids must be distinct")
-    return [options.server_user, *devices]
+    return [options.server_user, *devices, *reserved[1:]]
 
 
-def _acl_text(options: BrokerConfigOptions) -> str:
-    topics = options.topics
-    lines = [
-        "# Generated by sfprompt-cloud broker-config.",
-        "# Every user: only the topics under its own name (%u = authenticated user name),",
-        "# plus the broadcast and server-status topics it must read.",
-        *topics.device_acl_patterns(),
-        "",
-        "# The server reads and writes the whole tree.",
-        f"user {options.server_user}",
-        *topics.server_acl_topics(),
+def _plugin_path(options: BrokerConfigOptions) -> Path | None:
+    if options.access != "dynsec":
+        return None
+    plugin = options.dynsec_plugin or access.find_dynsec_plugin()
+    if plugin is None:
+        raise ValueError(
+            "Mosquitto's dynamic-security plugin (mosquitto_dynamic_security.so) was not found: "
+            "give its path on the broker host with --dynsec-plugin, or use --access acl-file"
+        )
+    return plugin
+
+
+def _write_certificates(options: BrokerConfigOptions, users: list[str]) -> dict[str, str]:
+    """CA, broker and client certificates, and a fresh password per user (returned)."""
+    out = options.out
+    ca_key, ca_cert = make_ca(options.days)
+    write_pem(out / "certs" / "ca.key", key_pem(ca_key), private=True)
+    write_pem(out / "certs" / "ca.crt", cert_pem(ca_cert))
+    server_key, server_cert = make_leaf(
+        "sfprompt-broker", ca_key, ca_cert, options.days, server=True, names=options.hostnames
+    )
+    write_pem(out / "certs" / "server.key", key_pem(server_key), private=True)
+    write_pem(out / "certs" / "server.crt", cert_pem(server_cert))
+    return {user: _write_client(out, user, ca_key, ca_cert, options.days) for user in users}
+
+
+def _write_client(out: Path, user: str, ca_key: Any, ca_cert: Any, days: int) -> str:
+    """clients/<user>/: certificate, key, the CA certificate and a fresh password (returned)."""
+    folder = out / "clients" / user
+    folder.mkdir(parents=True)
+    key, cert = make_leaf(user, ca_key, ca_cert, days, server=False, names=())
+    write_pem(folder / "client.key", key_pem(key), private=True)
+    write_pem(folder / "client.crt", cert_pem(cert))
+    shutil.copyfile(out / "certs" / "ca.crt", folder / "ca.crt")
+    password = secrets.token_urlsafe(24)
+    write_pem(folder / "password", password.encode() + b"\n", private=True)
+    return password
+
+
+# ---- more devices later ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class AddDevicesOptions:
+    folder: Path  # what write_broker_config wrote
+    devices: tuple[str, ...]
+    broker_host: str = "localhost"  # dynsec: where the running broker is reached
+    days: int = 825
+    topics: Topics = field(default_factory=Topics)
+
+
+def add_devices(options: AddDevicesOptions, use_mosquitto_passwd: bool = True) -> list[str]:
+    """Certificates and passwords for more devices, and their access rules: with dynsec through
+    `mosquitto_ctrl` on the running broker (the plugin owns its JSON file while it runs), with
+    acl-file appended to `passwd` (the broker rereads it on SIGHUP). Returns what was done."""
+    folder = options.folder
+    if not (folder / "certs" / "ca.key").is_file() or not (folder / "mosquitto.conf").is_file():
+        raise ValueError(f"{folder} holds no broker set-up (certs/ca.key, mosquitto.conf)")
+    devices = [check_device_id(d, "device id") for d in options.devices]
+    for device in devices:
+        if (folder / "clients" / device).exists():
+            raise ValueError(f"{device!r} is already a user of {folder}")
+    dynsec = (folder / "dynamic-security.json").is_file()
+    ctrl = _mosquitto_ctrl_as_admin(folder, options.broker_host) if dynsec else []
+    if dynsec:  # reach the broker before writing anything
+        _run_ctrl(ctrl, ["dynsec", "getDefaultACLAccess"], "the broker")
+    ca_key, ca_cert = load_ca(folder / "certs")
+    done: list[str] = []
+    for device in devices:
+        password = _write_client(folder, device, ca_key, ca_cert, options.days)
+        if dynsec:
+            for command in access.dynsec_add_commands(options.topics, device, password):
+                _run_ctrl(ctrl, command, repr(device))
+            done.append(f"{device}: certificate, password and role device-{device} (live)")
+        else:
+            access.write_password_file(folder / "passwd", {device: password}, use_mosquitto_passwd)
+            done.append(f"{device}: certificate and password (send mosquitto SIGHUP to reload)")
+    return done
+
+
+def _mosquitto_ctrl_as_admin(folder: Path, host: str) -> list[str]:
+    tool = shutil.which("mosquitto_ctrl")
+    if tool is None:
+        raise ValueError("mosquitto_ctrl not found: install the mosquitto package here")
+    admin = folder / "clients" / access.ADMIN_USER
+    listener = next(
+        line.split()
+        for line in (folder / "mosquitto.conf").read_text().splitlines()
+        if line.startswith("listener ")
+    )
+    return [
+        tool,
+        *("-h", host, "-p", listener[1], "--cafile", str(folder / "certs" / "ca.crt")),
+        *("--cert", str(admin / "client.crt"), "--key", str(admin / "client.key")),
+        *("-u", access.ADMIN_USER, "-P", (admin / "password").read_text().strip()),
     ]
-    return "\n".join(lines) + "\n"
 
 
-def _config_text(options: BrokerConfigOptions, home: Path) -> str:
+def _run_ctrl(ctrl: list[str], command: list[str], what: str) -> None:
+    result = subprocess.run([*ctrl, *command], capture_output=True, text=True, timeout=30)
+    said = (result.stdout + result.stderr).strip() or "no output"
+    if result.returncode != 0 or "error" in said.lower():
+        raise ValueError(
+            f"`mosquitto_ctrl {' '.join(command[:2])}` for {what} failed: {said} (is the broker "
+            "running, and reachable at --broker-host? Any new clients/ folder was written "
+            "before this: delete it to retry)"
+        )
+
+
+def _config_text(options: BrokerConfigOptions, home: Path, access_lines: list[str]) -> str:
     lines = [
         "# Generated by sfprompt-cloud broker-config; run with: mosquitto -c mosquitto.conf",
         "per_listener_settings false",
         "allow_anonymous false",
-        f"password_file {home / 'passwd'}",
-        f"acl_file {home / 'acl'}",
+        *access_lines,
         "persistence true",
         f"persistence_location {home / 'data'}/",
         "max_queued_messages 10000",
@@ -161,111 +241,3 @@ def _config_text(options: BrokerConfigOptions, home: Path) -> str:
     if options.run_as:
         lines.insert(1, f"user {options.run_as}")
     return "\n".join(lines) + "\n"
-
-
-# ---- passwords -------------------------------------------------------------------------------
-def mosquitto_password_hash(password: str, salt: bytes | None = None) -> str:
-    """The `$7$` PBKDF2-SHA512 line format mosquitto 2 reads from its password_file."""
-    salt = salt or os.urandom(SALT_BYTES)
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, PBKDF2_ITERATIONS)
-    encoded = [base64.b64encode(part).decode() for part in (salt, digest)]
-    return f"$7${PBKDF2_ITERATIONS}${encoded[0]}${encoded[1]}"
-
-
-def _write_passwords(path: Path, passwords: dict[str, str], use_tool: bool) -> None:
-    tool = shutil.which("mosquitto_passwd") if use_tool else None
-    if tool is None:
-        lines = [f"{user}:{mosquitto_password_hash(pw)}" for user, pw in passwords.items()]
-        _write_pem(path, ("\n".join(lines) + "\n").encode(), private=True)
-        return
-    path.touch(mode=0o600)
-    for user, password in passwords.items():
-        subprocess.run([tool, "-b", str(path), user, password], check=True, capture_output=True)
-
-
-# ---- certificates ----------------------------------------------------------------------------
-def _make_ca(days: int) -> tuple[Any, Any]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sfprompt CA")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _make_leaf(
-    common_name: str, ca_key: Any, ca_cert: Any, days: int, server: bool, names: Sequence[str]
-) -> tuple[Any, Any]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-    )
-    if names:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False
-        )
-    return key, builder.sign(ca_key, hashes.SHA256())
-
-
-def _general_name(name: str) -> Any:
-    try:
-        return x509.IPAddress(ipaddress.ip_address(name))
-    except ValueError:
-        return x509.DNSName(name)
-
-
-def _key_pem(key: Any) -> bytes:
-    pem: bytes = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return pem
-
-
-def _cert_pem(cert: Any) -> bytes:
-    pem: bytes = cert.public_bytes(serialization.Encoding.PEM)
-    return pem
-
-
-def _write_pem(path: Path, data: bytes, private: bool = False) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -360,6 +361,28 @@ def worker(ctx: click.Context, config_file: Path | None, verbose: bool, **flags:
     help="Largest MQTT packet in bytes; clients split bigger payloads into chunks.",
 )
 @click.option("--days", default=825, show_default=True, help="Certificate validity in days.")
+@click.option(
+    "--access",
+    type=click.Choice(["dynsec", "acl-file"]),
+    default="dynsec",
+    show_default=True,
+    help="dynsec: Mosquitto's dynamic-security plugin, which refuses a SUBSCRIBE to another "
+    "device's topics and can add devices while running. acl-file: password_file + acl_file, "
+    "for a Mosquitto without the plugin (it grants such a SUBSCRIBE but delivers nothing).",
+)
+@click.option(
+    "--add",
+    is_flag=True,
+    help="Add --devices to the set-up already in --out: certificates and passwords, and their "
+    "rules (dynsec: live, through mosquitto_ctrl as admin on the running broker at "
+    "--broker-host; acl-file: in passwd, then send mosquitto SIGHUP).",
+)
+@click.option("--broker-host", default="localhost", show_default=True, help="With --add.")
+@click.option(
+    "--dynsec-plugin",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Path of mosquitto_dynamic_security.so on the broker host. Default: found here.",
+)
 def broker_config(
     out: Path,
     devices: tuple[str, ...],
@@ -372,27 +395,38 @@ def broker_config(
     run_as: str | None,
     max_packet_size: int,
     days: int,
+    access: str,
+    add: bool,
+    broker_host: str,
+    dynsec_plugin: Path | None,
 ) -> None:
     """Write a production Mosquitto config for a fleet of devices.
 
     \b
     It writes, under OUT:
       mosquitto.conf   TLS listener, no anonymous access, persistence
-      acl              each device may use only its own topics; the server all
-      passwd           hashed passwords (mosquitto 2 format)
+      dynamic-security.json
+                       users, hashed passwords, and a role per device: each
+                       device may use only its own topics; the server all
+                       (--access acl-file: files passwd and acl instead)
       certs/           CA, and the broker's certificate and key
-      clients/ID/      per device (and server): ca.crt, client.crt, client.key,
-                       password -- copy that folder to the device
+      clients/ID/      per device (and server, admin): ca.crt, client.crt,
+                       client.key, password -- copy that folder to the device
     Then run: mosquitto -c OUT/mosquitto.conf
 
     \b
     Example:
       sfprompt-cloud broker-config --out ./broker --hostname mqtt.example.org \\
           --devices cam-01 cam-02 cam-03
+    Later, with the broker running:
+      sfprompt-cloud broker-config --out ./broker --add --devices cam-04
     """
     from .broker_config import BrokerConfigOptions, write_broker_config
 
     ids = tuple(d for item in (*devices, *more_devices) for d in item.split(",") if d)
+    if add:
+        _add_devices(out, ids, broker_host, days)
+        return
     options = BrokerConfigOptions(
         out=out,
         devices=ids,
@@ -404,6 +438,8 @@ def broker_config(
         run_as=run_as,
         max_packet_size=max_packet_size,
         days=days,
+        access=access,
+        dynsec_plugin=dynsec_plugin,
     )
     try:
         files = write_broker_config(options)
@@ -412,3 +448,17 @@ def broker_config(
     click.echo(f"Wrote {files.config} for {len(ids)} device(s) and user {server_user!r}.")
     click.echo(f"Start it with: mosquitto -c {files.config}")
     click.echo(f"Give each device its folder under {out / 'clients'} (keep certs/ca.key private).")
+
+
+def _add_devices(out: Path, ids: tuple[str, ...], broker_host: str, days: int) -> None:
+    from .broker_config import AddDevicesOptions, add_devices
+
+    if not ids:
+        raise click.UsageError("--add needs --devices ID...")
+    try:
+        done = add_devices(AddDevicesOptions(out, ids, broker_host, days))
+    except (ValueError, OSError, subprocess.SubprocessError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for line in done:
+        click.echo(f"Added {line}.")
+    click.echo(f"Give each new device its folder under {out / 'clients'}.")

@@ -98,6 +98,11 @@ class BrokerProcess:
         """Abrupt stop (SIGKILL), as a crash or power loss would."""
         self._end(signal.SIGKILL, 10.0)
 
+    def reload(self) -> None:
+        """SIGHUP: mosquitto rereads its password and ACL files (new users, changed rules)."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGHUP)
+
     def _end(self, sig: int, timeout: float) -> None:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:

@@ -77,22 +77,24 @@ class Topics:
     def all_broadcast(self) -> str:
         return f"{self.root}/broadcast/#"
 
-    # Broker ACL --------------------------------------------------------------------------
-    def device_acl_patterns(self) -> list[str]:
-        """Mosquitto `pattern` lines, which apply to every user (`%u` = user name = device id).
+    # Broker access rules ----------------------------------------------------------------
+    def device_access(self, device: str) -> list[tuple[str, str]]:
+        """(access, topic filter) pairs one device needs: "read", "write" or "readwrite".
 
-        (`topic` lines before any `user` line would apply to anonymous clients only.)
+        `device` is a device id, or a broker's placeholder for the user name (Mosquitto: `%u`).
+        Everything else is closed to it: other devices' topics, the whole tree.
         """
         return [
-            f"pattern write {self.root}/dev/%u/up/#",
-            f"pattern read {self.root}/dev/%u/down/#",
-            f"pattern readwrite {self.root}/presence/%u",
-            f"pattern read {self.root}/broadcast/#",
-            f"pattern read {self.root}/server/status",
+            ("write", f"{self.root}/dev/{device}/up/#"),
+            ("read", f"{self.root}/dev/{device}/down/#"),
+            ("readwrite", f"{self.root}/presence/{device}"),
+            ("read", f"{self.root}/broadcast/#"),
+            ("read", f"{self.root}/server/status"),
         ]
 
-    def server_acl_topics(self) -> list[str]:
-        return [f"topic readwrite {self.root}/#"]
+    def server_access(self) -> list[tuple[str, str]]:
+        """The server (and its workers) read and write the whole tree."""
+        return [("readwrite", f"{self.root}/#")]
 
     def parse(self, topic: str) -> Route:
         """Inverse of the builders; raises ValueError for topics outside this tree."""

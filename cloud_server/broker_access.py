@@ -1,0 +1,171 @@
+"""Who may log in to the broker and which topics each user may use, in the forms Mosquitto reads.
+
+One set of rules (`Topics.device_access`, `Topics.server_access`), two renderings:
+
+- `dynsec` (the default): one JSON file for Mosquitto's dynamic-security plugin, which ships with
+  Mosquitto 2. It checks every SUBSCRIBE: a device asking for another device's topics, or for the
+  whole tree, is refused with SUBACK 0x87 (Not authorized). Devices can be added while the broker
+  runs, with `mosquitto_ctrl` as the `admin` user (docs/broker.md).
+- `acl-file`: the classic `password_file` plus `acl_file`, for a Mosquitto without the plugin.
+  Mosquitto 2.0's acl_file never checks SUBSCRIBE (it grants it and filters what is delivered), so
+  there a device subscribing to another's topics is told yes and then receives nothing.
+
+Passwords are stored as PBKDF2-SHA512 hashes with a random salt, as `mosquitto_passwd` and
+`mosquitto_ctrl` write them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from sfprompt.protocol.topics import Topics
+
+ACCESS_MODES = ("dynsec", "acl-file")
+ADMIN_USER = "admin"  # dynsec only: may change the access rules at run time, nothing else
+PBKDF2_ITERATIONS = 101  # mosquitto_passwd's and mosquitto_ctrl's default
+SALT_BYTES = 12
+DYNSEC_CONTROL = "$CONTROL/dynamic-security/#"
+_DYNSEC_PLUGIN = "mosquitto_dynamic_security.so"
+_PLUGIN_DIRS = (
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib/arm-linux-gnueabihf",
+    "/usr/lib",
+    "/usr/local/lib",
+    "/opt/homebrew/lib",
+)
+
+
+def device_role(device_id: str) -> str:
+    return f"device-{device_id}"
+
+
+# ---- dynamic-security plugin -----------------------------------------------------------------
+def find_dynsec_plugin() -> Path | None:
+    """Where this machine's Mosquitto keeps its dynamic-security plugin, if anywhere."""
+    for folder in _PLUGIN_DIRS:
+        candidate = Path(folder) / _DYNSEC_PLUGIN
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def dynsec_config(
+    topics: Topics, server_user: str, devices: list[str], passwords: dict[str, str]
+) -> dict[str, Any]:
+    """The plugin's JSON: one role per device, one for the server, one for the admin; nothing
+    is allowed unless a role allows it."""
+    roles = [_dynsec_role(device_role(d), topics.device_access(d)) for d in devices]
+    roles.append(_dynsec_role(server_user, topics.server_access()))
+    roles.append(_dynsec_role(ADMIN_USER, [("readwrite", DYNSEC_CONTROL)]))
+    role_of = {server_user: server_user, ADMIN_USER: ADMIN_USER}
+    role_of.update({d: device_role(d) for d in devices})
+    return {
+        "clients": [_dynsec_client(user, passwords[user], role_of[user]) for user in passwords],
+        "groups": [],
+        "roles": roles,
+        "defaultACLAccess": {
+            "publishClientSend": False,
+            "publishClientReceive": False,
+            "subscribe": False,
+            "unsubscribe": True,
+        },
+    }
+
+
+def dynsec_add_commands(topics: Topics, device_id: str, password: str) -> list[list[str]]:
+    """The `mosquitto_ctrl dynsec` commands that add one device to a running broker, with the
+    same role `dynsec_config` would have written for it."""
+    role = _dynsec_role(device_role(device_id), topics.device_access(device_id))
+    commands = [
+        ["createClient", device_id, "-p", password],
+        ["createRole", role["rolename"]],
+        *(
+            ["addRoleACL", role["rolename"], acl["acltype"], acl["topic"], "allow"]
+            for acl in role["acls"]
+        ),
+        ["addClientRole", device_id, role["rolename"]],
+    ]
+    return [["dynsec", *command] for command in commands]
+
+
+def write_dynsec_config(path: Path, config: dict[str, Any]) -> None:
+    _write_private(path, (json.dumps(config, indent=2) + "\n").encode())
+
+
+def _dynsec_role(name: str, access: list[tuple[str, str]]) -> dict[str, Any]:
+    acls = []
+    for mode, topic in access:
+        if "write" in mode:
+            acls.append({"acltype": "publishClientSend", "topic": topic, "allow": True})
+        if "read" in mode:
+            acls.append({"acltype": "subscribePattern", "topic": topic, "allow": True})
+            acls.append({"acltype": "publishClientReceive", "topic": topic, "allow": True})
+    return {"rolename": name, "acls": acls}
+
+
+def _dynsec_client(user: str, password: str, role: str) -> dict[str, Any]:
+    salt, digest = _pbkdf2(password)
+    return {
+        "username": user,
+        "password": base64.b64encode(digest).decode(),
+        "salt": base64.b64encode(salt).decode(),
+        "iterations": PBKDF2_ITERATIONS,
+        "roles": [{"rolename": role}],
+    }
+
+
+# ---- password_file + acl_file ----------------------------------------------------------------
+def acl_file_text(topics: Topics, server_user: str) -> str:
+    """`pattern` lines apply to every user (`%u` = the user name = the device id); `topic`
+    lines before any `user` line would apply to anonymous clients only."""
+    lines = [
+        "# Generated by sfprompt-cloud broker-config.",
+        "# Every user: only the topics under its own name (%u = authenticated user name),",
+        "# plus the broadcast and server-status topics it must read.",
+        *(f"pattern {mode} {topic}" for mode, topic in topics.device_access("%u")),
+        "",
+        "# The server reads and writes the whole tree.",
+        f"user {server_user}",
+        *(f"topic {mode} {topic}" for mode, topic in topics.server_access()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def mosquitto_password_hash(password: str, salt: bytes | None = None) -> str:
+    """The `$7$` PBKDF2-SHA512 line format mosquitto 2 reads from its password_file."""
+    salt, digest = _pbkdf2(password, salt)
+    encoded = [base64.b64encode(part).decode() for part in (salt, digest)]
+    return f"$7${PBKDF2_ITERATIONS}${encoded[0]}${encoded[1]}"
+
+
+def write_password_file(path: Path, passwords: dict[str, str], use_tool: bool) -> None:
+    """With `use_tool`, hashes come from `mosquitto_passwd` where it is installed. Users are
+    added to an existing file."""
+    tool = shutil.which("mosquitto_passwd") if use_tool else None
+    if tool is None:
+        lines = [f"{user}:{mosquitto_password_hash(pw)}" for user, pw in passwords.items()]
+        old = path.read_bytes() if path.exists() else b""
+        _write_private(path, old + ("\n".join(lines) + "\n").encode())
+        return
+    path.touch(mode=0o600)
+    for user, password in passwords.items():
+        subprocess.run([tool, "-b", str(path), user, password], check=True, capture_output=True)
+
+
+def _pbkdf2(password: str, salt: bytes | None = None) -> tuple[bytes, bytes]:
+    salt = salt or os.urandom(SALT_BYTES)
+    return salt, hashlib.pbkdf2_hmac("sha512", password.encode(), salt, PBKDF2_ITERATIONS)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
