@@ -182,11 +182,15 @@ def _raw_device(port: int, payload: bytes, count: int) -> float:
 
 def broker_round_trips(console: Console, sizes: list[int], trials: int) -> None:
     """Paired trials, alternating which of the two goes first so that drift on a busy machine
-    hits both alike; the ratio is the median over pairs, with the range it spread over."""
+    hits both alike, after one untimed run of each (the first run on a fresh broker is
+    faster than all later ones, whichever client makes it); the ratio is the median over
+    pairs, with the range it spread over."""
     table = Table(title="4. Round trips via loopback Mosquitto (MB/s of tensor data, both ways)")
     for column in ("tensor", "round trips", "raw paho", "sfprompt", "ratio (goal >= 0.9)", "range"):
         table.add_column(column, justify="right")
     with EmbeddedBroker() as broker:
+        for mode in ("raw", "sfprompt"):
+            round_trips(broker.port, mode, activation(MB), 64)
         for size in sizes:
             h = activation(size)
             count = max(8, int(192 * MB / max(size, MB)))
