@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.synchronize import Event
+from typing import Any
 
 import numpy as np
 import paho.mqtt.client as paho
@@ -127,20 +128,33 @@ def serve_echo(port: int, mode: str, ready: Event, stop: Event) -> None:
 
 
 def round_trips(port: int, mode: str, h: np.ndarray, count: int) -> float:
-    """Seconds for `count` round trips of `h` (raw paho bytes, or SMASHED -> BODY_OUT)."""
+    """Seconds for `count` round trips of `h` (raw paho bytes, or SMASHED -> BODY_OUT).
+
+    Device and server each run in a fresh process, as in a deployment, so that neither client
+    inherits the memory state of this one (or of the previous trial)."""
     ctx = multiprocessing.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
+    seconds = ctx.Queue()
     server = ctx.Process(target=serve_echo, args=(port, mode, ready, stop), daemon=True)
     server.start()
     try:
         if not ready.wait(60):
             raise TimeoutError("echo server did not start")
-        if mode == "raw":
-            return _raw_device(port, encode(Smashed(device_id="cam-01", h=h)), count)
-        return _sfprompt_device(port, h, count)
+        device = ctx.Process(target=run_device, args=(port, mode, h, count, seconds), daemon=True)
+        device.start()
+        elapsed: float = seconds.get(timeout=600)
+        device.join(30)
+        return elapsed
     finally:
         stop.set()
         server.join(30)
+
+
+def run_device(port: int, mode: str, h: np.ndarray, count: int, seconds: Any) -> None:
+    if mode == "raw":
+        seconds.put(_raw_device(port, encode(Smashed(device_id="cam-01", h=h)), count))
+    else:
+        seconds.put(_sfprompt_device(port, h, count))
 
 
 def _sfprompt_device(port: int, h: np.ndarray, count: int) -> float:
