@@ -8,7 +8,8 @@ Prints (rich tables):
   3. encode and decode throughput per encoding;
   4. round trips SMASHED -> BODY_OUT (same size) through a private loopback Mosquitto with the
      sfprompt client, as a ratio to raw paho publishes of the same bytes echoed in the same run
-     (goal >= 0.9). The echoing server runs in its own process, as it would in a deployment.
+     (goal >= 0.9). The echoing server runs in its own process, as it would in a deployment,
+     and answers from an inline handler, as the body service does.
      The raw baseline is why this script, alone outside `protocol/`, imports paho.
 """
 
@@ -120,7 +121,7 @@ def serve_echo(port: int, mode: str, ready: Event, stop: Event) -> None:
         return BodyOut(device_id=m.device_id, step=m.step, z=m.h)  # type: ignore[union-attr]
 
     server = MqttClient(ClientConfig("server", "127.0.0.1", port, max_chunk_bytes=256 * MB))
-    server.subscribe(T.all_up(), body)
+    server.subscribe(T.all_up(), body, inline=True)  # as the body service does
     server.connect()
     ready.set()
     stop.wait()

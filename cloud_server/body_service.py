@@ -51,8 +51,10 @@ class BodyService:
     def attach(self) -> BodyService:
         """Subscribe the handlers (before or after connect)."""
         topics = self.client.config.topics
-        self.client.subscribe(topics.all_up_of("smashed"), self._on_smashed)
-        self.client.subscribe(topics.all_up_of("grad_z"), self._on_grad_z)
+        # Inline: the handlers only queue work for the batcher, so they run on paho's network
+        # thread and save a thread hop per request (the reply goes out from the batcher).
+        self.client.subscribe(topics.all_up_of("smashed"), self._on_smashed, inline=True)
+        self.client.subscribe(topics.all_up_of("grad_z"), self._on_grad_z, inline=True)
         return self
 
     def _on_smashed(self, inbound: Inbound) -> Message | None:

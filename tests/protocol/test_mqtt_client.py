@@ -234,3 +234,33 @@ def test_wire_payload_is_plain_safetensors(make_client: MakeClient) -> None:
     make_client("cam-01").publish(_topic_for(message), message)
     wait_for(lambda: len(raw) == 1)
     assert raw[0] == encode(message)
+
+
+def test_inline_handler_runs_on_the_network_thread_and_answers(make_client: MakeClient) -> None:
+    """An inline subscription decodes (chunks too) and answers on paho's network thread, not the
+    dispatcher; a handler there that would wait for a PUBACK gets a clear error instead of
+    hanging, which the requester receives as an ERROR."""
+    server = make_client("server")
+    threads: list[threading.Thread] = []
+
+    def answer(inbound: Inbound) -> Message:
+        threads.append(threading.current_thread())
+        m = inbound.message
+        assert isinstance(m, Smashed)
+        if m.step == 1:
+            server.publish(T.down(m.device_id, "task"), m)  # waits for a PUBACK: refused
+        return BodyOut(device_id=m.device_id, step=m.step, z=m.h)
+
+    server.subscribe(T.all_up_of("smashed"), answer, inline=True)
+    device = make_client("cam-01", max_chunk_bytes=4096)
+    device.subscribe(T.device_inbox("cam-01"), lambda inbound: None)
+    h = np.random.default_rng(0).standard_normal((1, 64, 64)).astype(np.float32)  # 4 chunks
+    up, down = T.up("cam-01", "smashed"), T.down("cam-01", "body_out")
+    reply = device.request(up, Smashed(device_id="cam-01", step=0, h=h), down)
+    assert isinstance(reply, BodyOut)
+    np.testing.assert_array_equal(reply.z, h)
+    assert threads and threads[0] is not server._dispatcher
+    assert threads[0] is not threading.main_thread()
+    with pytest.raises(RemoteError) as info:
+        device.request(up, Smashed(device_id="cam-01", step=1, h=h), down, timeout=10)
+    assert "network thread" in str(info.value)
