@@ -2,8 +2,9 @@
 
 Handlers only validate, file state and queue work on the batcher, so they run inline on the MQTT
 client's network thread (no hop to its dispatcher); replies go out from the batcher's thread once
-the (cross-device) body call is done, so MQTT traffic never waits on the body. The coordinator's server and every `sfprompt-cloud worker` run this same service;
-with several workers each serves the devices `owns` assigns it (see docs/cloud_server.md).
+the (cross-device) body call is done, so MQTT traffic never waits on the body. The coordinator's
+server and every `sfprompt-cloud worker` run this same service; with several workers each serves
+the devices `owns` assigns it (see docs/cloud_server.md).
 """
 
 from __future__ import annotations

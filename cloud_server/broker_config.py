@@ -60,11 +60,10 @@ class BrokerConfigFiles:
     client_dirs: dict[str, Path]  # user -> folder with ca.crt, client.crt, client.key, password
 
 
-def write_broker_config(
-    options: BrokerConfigOptions, use_mosquitto_passwd: bool = True
-) -> BrokerConfigFiles:
+def write_broker_config(options: BrokerConfigOptions, use_tool: bool = True) -> BrokerConfigFiles:
     """Generate every file; raises ValueError for bad device ids, an existing non-empty folder,
-    or a dynamic-security plugin that cannot be found."""
+    or a dynamic-security plugin that cannot be found. `use_tool`: hash passwords for the
+    password file with `mosquitto_passwd` where installed."""
     users = _check_users(options)
     plugin = _plugin_path(options)
     out = options.out
@@ -75,20 +74,34 @@ def write_broker_config(
     home = (options.install_dir or out).resolve()
     passwords = _write_certificates(options, users)
     if plugin is not None:
-        written: tuple[Path, ...] = (out / "dynamic-security.json",)
-        devices = list(users[1 : 1 + len(options.devices)])
-        config = access.dynsec_config(options.topics, options.server_user, devices, passwords)
-        access.write_dynsec_config(written[0], config)
-        access_lines = [f"plugin {plugin}", f"plugin_opt_config_file {home / written[0].name}"]
+        written, access_lines = _write_dynsec(options, home, plugin, passwords)
     else:
-        written = (out / "passwd", out / "acl")
-        access.write_password_file(written[0], passwords, use_mosquitto_passwd)
-        written[1].write_text(access.acl_file_text(options.topics, options.server_user))
-        access_lines = [f"password_file {home / 'passwd'}", f"acl_file {home / 'acl'}"]
+        written, access_lines = _write_password_and_acl(options, home, passwords, use_tool)
     config_path = out / "mosquitto.conf"
     config_path.write_text(_config_text(options, home, access_lines))
     client_dirs = {user: out / "clients" / user for user in users}
     return BrokerConfigFiles(config_path, written, out / "certs" / "ca.crt", client_dirs)
+
+
+def _write_dynsec(
+    options: BrokerConfigOptions, home: Path, plugin: Path, passwords: dict[str, str]
+) -> tuple[tuple[Path, ...], list[str]]:
+    """dynamic-security.json, and the mosquitto.conf lines that load it."""
+    path = options.out / "dynamic-security.json"
+    devices = list(options.devices)
+    config = access.dynsec_config(options.topics, options.server_user, devices, passwords)
+    access.write_dynsec_config(path, config)
+    return (path,), [f"plugin {plugin}", f"plugin_opt_config_file {home / path.name}"]
+
+
+def _write_password_and_acl(
+    options: BrokerConfigOptions, home: Path, passwords: dict[str, str], use_tool: bool
+) -> tuple[tuple[Path, ...], list[str]]:
+    """passwd and acl, and the mosquitto.conf lines that name them."""
+    passwd, acl = options.out / "passwd", options.out / "acl"
+    access.write_password_file(passwd, passwords, use_tool)
+    acl.write_text(access.acl_file_text(options.topics, options.server_user))
+    return (passwd, acl), [f"password_file {home / 'passwd'}", f"acl_file {home / 'acl'}"]
 
 
 def _check_users(options: BrokerConfigOptions) -> list[str]:
@@ -161,7 +174,7 @@ class AddDevicesOptions:
     topics: Topics = field(default_factory=Topics)
 
 
-def add_devices(options: AddDevicesOptions, use_mosquitto_passwd: bool = True) -> list[str]:
+def add_devices(options: AddDevicesOptions, use_tool: bool = True) -> list[str]:
     """Certificates and passwords for more devices, and their access rules: with dynsec through
     `mosquitto_ctrl` on the running broker (the plugin owns its JSON file while it runs), with
     acl-file appended to `passwd` (the broker rereads it on SIGHUP). Returns what was done."""
@@ -169,6 +182,8 @@ def add_devices(options: AddDevicesOptions, use_mosquitto_passwd: bool = True) -
     if not (folder / "certs" / "ca.key").is_file() or not (folder / "mosquitto.conf").is_file():
         raise ValueError(f"{folder} holds no broker set-up (certs/ca.key, mosquitto.conf)")
     devices = [check_device_id(d, "device id") for d in options.devices]
+    if len(set(devices)) != len(devices):
+        raise ValueError("device ids must be distinct")
     for device in devices:
         if (folder / "clients" / device).exists():
             raise ValueError(f"{device!r} is already a user of {folder}")
@@ -185,7 +200,7 @@ def add_devices(options: AddDevicesOptions, use_mosquitto_passwd: bool = True) -
                 _run_ctrl(ctrl, command, repr(device))
             done.append(f"{device}: certificate, password and role device-{device} (live)")
         else:
-            access.write_password_file(folder / "passwd", {device: password}, use_mosquitto_passwd)
+            access.write_password_file(folder / "passwd", {device: password}, use_tool)
             done.append(f"{device}: certificate and password (send mosquitto SIGHUP to reload)")
     return done
 

@@ -61,7 +61,7 @@ def secured(
         run_as=getpass.getuser(),
         access=access,
     )
-    files = write_broker_config(options, use_mosquitto_passwd=hasher != "python-hash")
+    files = write_broker_config(options, use_tool=hasher != "python-hash")
     with BrokerProcess(files.config, [port]) as broker:
         yield Secured(files, port, access, broker)
 
