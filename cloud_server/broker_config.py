@@ -7,7 +7,7 @@ What it writes under the output folder:
                             per device, for Mosquitto's dynamic-security plugin, which refuses
                             a SUBSCRIBE to another device's topics (SUBACK 0x87)
     passwd, acl             (--access acl-file) mosquitto's password_file and acl_file instead
-    certs/ca.crt, ca.key    the CA that signs everything (keep ca.key offline)
+    certs/ca.crt, ca.key    the CA that signs everything (keep ca.key private; --add uses it)
     certs/server.crt, .key  the broker's certificate, for the given host names and IPs
     clients/<id>/           per user (each device, the server, and with dynsec the admin):
                             ca.crt, client.crt, client.key, password -- copy it to that machine
