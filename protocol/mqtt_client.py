@@ -59,12 +59,20 @@ class Traffic:
             return dict(self.sent), dict(self.received)
 
 
+@dataclass(frozen=True)
+class _Subscription:
+    filter: str
+    handler: Handler
+    inline: bool  # handled on paho's network thread, not the dispatcher's
+
+
 @dataclass
 class _Raw:
     topic: str
     payload: bytes | bytearray
     response_topic: str | None
     correlation: bytes | None
+    subscription: _Subscription | None = None  # whose handler takes it, as found on arrival
 
 
 class MqttClient:
@@ -76,7 +84,7 @@ class MqttClient:
         self.connects = 0  # successful connections so far: > 1 means it reconnected
         self.traffic = Traffic()
         self._connect_hooks: list[Callable[[], None]] = []
-        self._handlers: list[tuple[str, Handler]] = []
+        self._subscriptions: list[_Subscription] = []
         self._inbox: queue.Queue[_Raw | None] = queue.Queue()
         self._pending: dict[bytes, queue.Queue[_Raw]] = {}
         self._pending_lock = threading.Lock()
@@ -85,7 +93,6 @@ class MqttClient:
         self._replies = ReplyCache()
         self._reassembler = Reassembler(config.limits)
         self._reassembly_lock = threading.Lock()  # inline handlers reassemble on paho's thread
-        self._inline_filters: set[str] = set()
         self._network_thread: int | None = None
         self._connected = threading.Event()
         self._connect_refused: TransportError | None = None
@@ -176,11 +183,12 @@ class MqttClient:
         self.max_packet_bytes = getattr(props, "MaximumPacketSize", None)
         self._network_thread = threading.get_ident()
         self.connects += 1
-        if self._handlers:
+        if self._subscriptions:
             # Even a resumed session may lack filters registered since; retained messages sent
             # again by the broker are dropped as duplicates.
             with self._acks_lock:
-                _, mid = client.subscribe([(f, SubscribeOptions(qos=1)) for f, _ in self._handlers])
+                filters = [(sub.filter, SubscribeOptions(qos=1)) for sub in self._subscriptions]
+                _, mid = client.subscribe(filters)
                 if self.connects == 1 and mid is not None:  # connect() waits for this SUBACK
                     self._resubscribe_mid = mid
                     self._suback[mid] = None
@@ -292,9 +300,8 @@ class MqttClient:
         thread hop per message. Only for handlers that return at once and never wait on the
         broker: they may return a reply, or `respond` later from another thread.
         """
-        self._handlers.append((topic_filter, handler))
-        if inline:
-            self._inline_filters.add(topic_filter)
+        subscription = _Subscription(topic_filter, handler, inline)
+        self._subscriptions.append(subscription)
         if not self.connected:
             return
         with self._acks_lock:
@@ -307,8 +314,7 @@ class MqttClient:
                 raise TransportError(f"no SUBACK for {topic_filter} within {timeout}s")
             codes = self._suback.pop(mid) or []
         if any(code.is_failure for code in codes):
-            self._handlers.remove((topic_filter, handler))
-            self._inline_filters.discard(topic_filter)
+            self._subscriptions.remove(subscription)
             raise TransportError(
                 f"broker refused subscription to {topic_filter}: {codes[0]}", int(codes[0].value)
             )
@@ -331,14 +337,18 @@ class MqttClient:
             waiter = self._pending.get(correlation) if correlation is not None else None
         if waiter is not None and raw.response_topic is None:
             waiter.put(raw)  # a reply to one of our requests: its caller decodes it
-        elif self._filter_for(raw.topic) in self._inline_filters:
+            return
+        raw.subscription = self._subscription_for(msg.topic)
+        if raw.subscription is not None and raw.subscription.inline:
             self._dispatch_safely(raw)
         else:
             self._inbox.put(raw)
 
-    def _filter_for(self, topic: str) -> str | None:
-        """The first registered filter matching `topic`: its handler is the one that runs."""
-        return next((f for f, _ in self._handlers if paho.topic_matches_sub(f, topic)), None)
+    def _subscription_for(self, topic: str) -> _Subscription | None:
+        """The first registered subscription whose filter matches `topic`."""
+        return next(
+            (sub for sub in self._subscriptions if paho.topic_matches_sub(sub.filter, topic)), None
+        )
 
     def _dispatch_loop(self) -> None:
         while (raw := self._inbox.get()) is not None:
@@ -371,12 +381,15 @@ class MqttClient:
         except ProtocolError as exc:
             self._refuse(raw, exc)
             return
-        handler = next((h for f, h in self._handlers if paho.topic_matches_sub(f, raw.topic)), None)
-        if handler is None:
+        # A handler registered while the message waited in the queue still takes it.
+        subscription = raw.subscription or self._subscription_for(raw.topic)
+        if subscription is None:
             log.warning("no handler for %s", raw.topic)
             return
         try:
-            reply = handler(Inbound(raw.topic, message, raw.response_topic, raw.correlation))
+            reply = subscription.handler(
+                Inbound(raw.topic, message, raw.response_topic, raw.correlation)
+            )
         except Exception as exc:
             log.exception("handler for %s failed", raw.topic)
             reply = error_for(exc, _device_of(message), message.msg_id, message.round, message.step)
