@@ -28,7 +28,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file as load_torch
 
 from sfprompt.export.bundle_writer import ExportConfig, base_manifest, preprocess_config
-from sfprompt.export.model_loading import create_vit
+from sfprompt.export.model_loading import create_vit, state_mismatches
 from sfprompt.export.split_vit import Cut, SplitViT, init_prompt, select_tail_input
 from sfprompt.protocol.bundle import (
     PROMPT_KEY,
@@ -428,20 +428,6 @@ def _check_state(
     path: Path, expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]
 ) -> None:
     """Refuse a weights file with one message naming every missing, unexpected or odd key."""
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    wrong = [
-        f"{k}: file {got[k].dtype} {list(got[k].shape)}, model "
-        f"{expected[k].dtype} {list(expected[k].shape)}"
-        for k in sorted(set(got) & set(expected))
-        if got[k].shape != expected[k].shape or got[k].dtype != expected[k].dtype
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys ({', '.join(missing[:4])})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:4])})")
-        if wrong:
-            parts.append(f"wrong shape or dtype: {'; '.join(wrong[:4])}")
-        raise BundleError(f"{path} does not fit the model: " + "; ".join(parts))
+    problems = state_mismatches(expected, got, "file", compare_dtype=True)
+    if problems:
+        raise BundleError(f"{path} does not fit the model: " + "; ".join(problems))

@@ -6,6 +6,7 @@ Kept apart from the split so that loading foreign weights stays one pure step (a
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -116,20 +117,42 @@ def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
         for k in ("head.weight", "head.bias")
         if k in state and k in own and state[k].shape != own[k].shape
     }
-    missing = sorted(set(own) - set(state) - skip)
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(state) & set(own) - skip
-        if state[k].shape != own[k].shape
-    )
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            parts.append(f"shape mismatches: {'; '.join(wrong[:3])}")
-        raise ModelError(f"checkpoint {path} does not fit this model: " + "; ".join(parts))
+    problems = state_mismatches(own, state, "checkpoint", skip=skip)
+    if problems:
+        raise ModelError(f"checkpoint {path} does not fit this model: " + "; ".join(problems))
     model.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=False)
+
+
+def state_mismatches(
+    expected: Mapping[str, Any],
+    got: Mapping[str, Any],
+    source: str,
+    compare_dtype: bool = False,
+    skip: Collection[str] = (),
+) -> list[str]:
+    """Why state `got` (named `source` in the text) does not fit `expected`, as short phrases:
+    missing and unexpected keys, and keys whose shape (with `compare_dtype`, or dtype) differs.
+    Empty when it fits. Shared by checkpoint loading and the server's bundle check."""
+    missing = sorted(set(expected) - set(got) - set(skip))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = [
+        f"{k}: {source} {got[k].dtype} {list(got[k].shape)}, model "
+        f"{expected[k].dtype} {list(expected[k].shape)}"
+        for k in sorted(set(got) & set(expected) - set(skip))
+        if got[k].shape != expected[k].shape
+        or (compare_dtype and got[k].dtype != expected[k].dtype)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} keys ({_some(missing, ', ')})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} keys ({_some(unexpected, ', ')})")
+    if wrong:
+        parts.append(f"wrong shape{' or dtype' if compare_dtype else ''}: {_some(wrong, '; ')}")
+    return parts
+
+
+def _some(items: list[str], separator: str, most: int = 4) -> str:
+    """The first `most` items; "e.g." says when there are more."""
+    shown = separator.join(items[:most])
+    return shown if len(items) <= most else f"e.g. {shown}"
