@@ -13,7 +13,7 @@ import numpy as np
 
 from sfprompt.protocol.bundle import PROMPT_KEY
 
-from .onnx_runtime import Params, TailStepResult
+from .bundle_runtime import Params, TailStepResult
 from .optimizer import Sgd
 from .runtime import DeviceRuntime
 from .tail_input import scatter_grad, select

@@ -8,39 +8,13 @@ head VJP alone holds ~130 MB), and glibc is told to hand large freed blocks stra
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from safetensors.numpy import load_file
 
-from sfprompt.protocol.bundle import BundleError, GraphSpec, Manifest, load_manifest
-
-Params = dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class TailStepResult:
-    loss: float
-    logits: np.ndarray  # (B, C)
-    grad_input: np.ndarray  # dL/d(tail input), (B, R, D)
-    grads: Params  # dL/d(param) by bundle key
-
-
-def return_freed_memory_promptly() -> None:
-    """Make glibc mmap (and so unmap on free) every block over 256 KB.
-
-    Without it glibc raises its mmap threshold after the first large free, and onnxruntime's
-    activation buffers stay in the heap: RSS then creeps up step after step.
-    """
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
-            ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
+from .bundle_runtime import BundleRuntime, Params, TailStepResult
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -55,36 +29,16 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return opts
 
 
-class OnnxDeviceRuntime:
+class OnnxDeviceRuntime(BundleRuntime):
     """The four device computations of one bundle, checked against its manifest."""
 
     def __init__(
         self, bundle: Path | str, threads: int | None = None, micro_batch: int | None = 4
     ) -> None:
         """`micro_batch` bounds how many samples the head graphs see at once (None: all)."""
-        return_freed_memory_promptly()
-        self.directory = Path(bundle)
-        self.micro_batch = micro_batch
-        self.manifest: Manifest = load_manifest(self.directory, role="device")
+        super().__init__(bundle, micro_batch)
         self._options = session_options(threads)
         self._sessions: dict[str, ort.InferenceSession] = {}
-        missing = {"head_forward", "head_vjp", "tail_step", "tail_forward"} - set(
-            self.manifest.graphs
-        )
-        if missing:
-            raise BundleError(f"{self.directory}: manifest lists no graph for {sorted(missing)}")
-        # tail_step outputs loss, logits, grad_tail_input, then grad.<key> for each parameter.
-        outputs = self.manifest.graphs["tail_step"].outputs[3:]
-        self._grad_keys = [s.name.removeprefix("grad.") for s in outputs]
-
-    def initial_parameters(self) -> Params:
-        """The exported prompt and tail, by bundle key."""
-        return load_file(str(self.directory / self.manifest.weights["initial"]))
-
-    @property
-    def tail_keys(self) -> list[str]:
-        """Tail parameter keys in the graphs' (and TorchScript twins') order."""
-        return [k for k in self.manifest.parameters if k.startswith("tail.")]
 
     def _session(self, name: str) -> ort.InferenceSession:
         if name not in self._sessions:
@@ -95,17 +49,8 @@ class OnnxDeviceRuntime:
         return self._sessions[name]
 
     def _run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        spec: GraphSpec = self.manifest.graphs[name]
-        for tensor in spec.inputs:
-            value = feeds.get(tensor.name)
-            if value is None:
-                raise BundleError(f"{name}: input {tensor.name} was not given")
-            tensor.check(value.shape, str(value.dtype))
+        self._check_inputs(name, feeds)
         return self._session(name).run(None, feeds)
-
-    def _chunks(self, batch: int) -> list[slice]:
-        step = self.micro_batch or batch
-        return [slice(i, i + step) for i in range(0, batch, step)]
 
     def head_forward(self, image: np.ndarray, prompt: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) images and the (P, D) prompt -> h, (B, T, D)."""

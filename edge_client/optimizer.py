@@ -1,6 +1,6 @@
 """SGD with momentum and weight decay over named numpy arrays, as torch.optim.SGD does it.
 
-    g <- g + weight_decay * p;   v <- momentum * v + g (v = g at the first step);   p <- p - lr * v
+g <- g + weight_decay * p;   v <- momentum * v + g (v = g at the first step);   p <- p - lr * v
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from sfprompt.data.transforms import EvalTransform
 from sfprompt.protocol.bundle import PROMPT_KEY
 from sfprompt.protocol.messages import PhaseSettings
 
+from .bundle_runtime import Params
 from .local_step import local_gradients
-from .onnx_runtime import Params
 from .optimizer import Sgd
 from .pruning import el2n_scores, keep_hardest
 from .runtime import DeviceRuntime

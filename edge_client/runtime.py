@@ -14,7 +14,8 @@ import numpy as np
 
 from sfprompt.protocol.bundle import Manifest
 
-from .onnx_runtime import OnnxDeviceRuntime, Params, TailStepResult
+from .bundle_runtime import Params, TailStepResult
+from .onnx_runtime import OnnxDeviceRuntime
 
 RUNTIMES = ("onnx", "torchscript")
 

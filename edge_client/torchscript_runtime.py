@@ -14,13 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file
 
-from sfprompt.protocol.bundle import BundleError, Manifest, load_manifest
+from sfprompt.protocol.bundle import BundleError
 
-from .onnx_runtime import Params, TailStepResult, return_freed_memory_promptly
-
-GRAPHS = ("head_forward", "head_vjp", "tail_step", "tail_forward")
+from .bundle_runtime import GRAPHS, BundleRuntime, Params, TailStepResult
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -36,7 +33,7 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-class TorchScriptDeviceRuntime:
+class TorchScriptDeviceRuntime(BundleRuntime):
     """The four device computations of one bundle, as TorchScript modules."""
 
     def __init__(
@@ -46,32 +43,13 @@ class TorchScriptDeviceRuntime:
 
         Raises `BundleError` when the manifest or a file fails its check, or a twin is missing.
         """
-        if micro_batch is not None and micro_batch < 1:
-            raise ValueError(f"micro_batch must be at least 1 (or None for all), got {micro_batch}")
-        return_freed_memory_promptly()
-        self.directory = Path(bundle)
-        self.micro_batch = micro_batch
-        self.manifest: Manifest = load_manifest(self.directory, role="device")
-        missing = set(GRAPHS) - set(self.manifest.graphs)
-        if missing:
-            raise BundleError(f"{self.directory}: manifest lists no graph for {sorted(missing)}")
+        super().__init__(bundle, micro_batch)
         no_twin = [g for g in GRAPHS if not self.manifest.graphs[g].torchscript]
         if no_twin:
             raise BundleError(f"{self.directory}: manifest names no TorchScript file for {no_twin}")
         # Process-wide in torch: the device runs one runtime per process.
         torch.set_num_threads(threads or min(4, os.cpu_count() or 1))
         self._modules: dict[str, torch.jit.ScriptModule] = {}
-        outputs = self.manifest.graphs["tail_step"].outputs[3:]
-        self._grad_keys = [s.name.removeprefix("grad.") for s in outputs]
-
-    def initial_parameters(self) -> Params:
-        """The exported prompt and tail, by bundle key."""
-        return load_file(str(self.directory / self.manifest.weights["initial"]))
-
-    @property
-    def tail_keys(self) -> list[str]:
-        """Tail parameter keys in the order the tail twins take them."""
-        return [k for k in self.manifest.parameters if k.startswith("tail.")]
 
     def _module(self, name: str) -> torch.jit.ScriptModule:
         if name not in self._modules:
@@ -82,21 +60,9 @@ class TorchScriptDeviceRuntime:
             self._modules[name] = module.eval()
         return self._modules[name]
 
-    def _check(self, name: str, feeds: dict[str, np.ndarray]) -> None:
-        """Raise `BundleError` for a missing input or one that does not fit the manifest."""
-        for spec in self.manifest.graphs[name].inputs:
-            value = feeds.get(spec.name)
-            if value is None:
-                raise BundleError(f"{name}: input {spec.name} was not given")
-            spec.check(value.shape, str(value.dtype))
-
-    def _chunks(self, batch: int) -> list[slice]:
-        step = self.micro_batch or batch
-        return [slice(i, i + step) for i in range(0, batch, step)]
-
     def head_forward(self, image: np.ndarray, prompt: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) images and the (P, D) prompt -> h, (B, T, D)."""
-        self._check("head_forward", {"image": image, "prompt": prompt})
+        self._check_inputs("head_forward", {"image": image, "prompt": prompt})
         module = self._module("head_forward")
         with torch.no_grad():
             p = _tensor(prompt)
@@ -108,7 +74,7 @@ class TorchScriptDeviceRuntime:
 
         The prompt is shared by every sample, so its gradient is the sum over micro-batches.
         """
-        self._check("head_vjp", {"image": image, "prompt": prompt, "grad_h": grad_h})
+        self._check_inputs("head_vjp", {"image": image, "prompt": prompt, "grad_h": grad_h})
         if len(grad_h) != len(image):
             raise BundleError(f"head_vjp: {len(image)} images but {len(grad_h)} rows of grad_h")
         module = self._module("head_vjp")
@@ -125,7 +91,7 @@ class TorchScriptDeviceRuntime:
         """Loss, logits and every gradient of the tail for one batch (weight 0 = padding)."""
         feeds = {k: params[k] for k in self.tail_keys if k in params}
         feeds.update(tail_input=tail_input, labels=labels, weight=weight)
-        self._check("tail_step", feeds)
+        self._check_inputs("tail_step", feeds)
         args = [_tensor(params[k]) for k in self.tail_keys]
         with torch.enable_grad():
             out = self._module("tail_step")(args, *map(_tensor, (tail_input, labels, weight)))
@@ -136,7 +102,7 @@ class TorchScriptDeviceRuntime:
         """Logits (B, C) of the tail input under `params`."""
         feeds = {k: params[k] for k in self.tail_keys if k in params}
         feeds["tail_input"] = tail_input
-        self._check("tail_forward", feeds)
+        self._check_inputs("tail_forward", feeds)
         args = [_tensor(params[k]) for k in self.tail_keys]
         with torch.no_grad():
             return self._module("tail_forward")(args, _tensor(tail_input)).numpy()

@@ -1,0 +1,85 @@
+"""What both device runtimes share: a device bundle opened and checked, and its conventions.
+
+`OnnxDeviceRuntime` and `TorchScriptDeviceRuntime` run the same four computations of the same
+bundle; this base opens the manifest, refuses a bundle that lacks a graph, knows the tail's
+parameter and gradient order, checks inputs against the manifest, and splits a batch into the
+micro-batches the head runs in. No torch here: the onnx runtime must not pull it in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from sfprompt.protocol.bundle import BundleError, Manifest, load_manifest
+
+Params = dict[str, np.ndarray]
+GRAPHS = ("head_forward", "head_vjp", "tail_step", "tail_forward")
+
+
+@dataclass(frozen=True)
+class TailStepResult:
+    loss: float
+    logits: np.ndarray  # (B, C)
+    grad_input: np.ndarray  # dL/d(tail input), (B, R, D)
+    grads: Params  # dL/d(param) by bundle key
+
+
+def return_freed_memory_promptly() -> None:
+    """Make glibc mmap (and so unmap on free) every block over 256 KB.
+
+    Without it glibc raises its mmap threshold after the first large free, and onnxruntime's
+    activation buffers stay in the heap: RSS then creeps up step after step.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
+            ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
+
+
+class BundleRuntime:
+    """A device bundle, opened for one of the runtimes."""
+
+    def __init__(self, bundle: Path | str, micro_batch: int | None) -> None:
+        """`micro_batch` bounds how many samples the head sees at once (None: all).
+
+        Raises `BundleError` when the manifest or a file fails its check, or a graph is missing.
+        """
+        if micro_batch is not None and micro_batch < 1:
+            raise ValueError(f"micro_batch must be at least 1 (or None for all), got {micro_batch}")
+        return_freed_memory_promptly()
+        self.directory = Path(bundle)
+        self.micro_batch = micro_batch
+        self.manifest: Manifest = load_manifest(self.directory, role="device")
+        missing = set(GRAPHS) - set(self.manifest.graphs)
+        if missing:
+            raise BundleError(f"{self.directory}: manifest lists no graph for {sorted(missing)}")
+        # tail_step outputs loss, logits, grad_tail_input, then grad.<key> for each parameter.
+        outputs = self.manifest.graphs["tail_step"].outputs[3:]
+        self._grad_keys = [s.name.removeprefix("grad.") for s in outputs]
+
+    def initial_parameters(self) -> Params:
+        """The exported prompt and tail, by bundle key."""
+        return load_file(str(self.directory / self.manifest.weights["initial"]))
+
+    @property
+    def tail_keys(self) -> list[str]:
+        """Tail parameter keys in the graphs' (and TorchScript twins') order."""
+        return [k for k in self.manifest.parameters if k.startswith("tail.")]
+
+    def _check_inputs(self, name: str, feeds: dict[str, np.ndarray]) -> None:
+        """Raise `BundleError` for a missing input or one that does not fit the manifest."""
+        for spec in self.manifest.graphs[name].inputs:
+            value = feeds.get(spec.name)
+            if value is None:
+                raise BundleError(f"{name}: input {spec.name} was not given")
+            spec.check(value.shape, str(value.dtype))
+
+    def _chunks(self, batch: int) -> list[slice]:
+        step = self.micro_batch or batch
+        return [slice(i, i + step) for i in range(0, batch, step)]
