@@ -98,6 +98,16 @@ def start_device(*args: str, log: Path, no_torch: bool = True) -> subprocess.Pop
     )
 
 
+def start_fleet_device(
+    bundle: ExportResult, broker_url: str, shard: Path, device_id: str, log: Path, *extra: str
+) -> subprocess.Popen[bytes]:
+    """One device of a test federation: the bundle's device half on one data shard."""
+    return start_device(
+        "--bundle", str(bundle.device_dir), "--data", str(shard), "--broker", broker_url,
+        "--device-id", device_id, *extra, log=log,
+    )  # fmt: skip
+
+
 def metrics_lines(path: Path) -> list[dict]:
     if not path.exists():
         return []

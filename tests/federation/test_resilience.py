@@ -15,7 +15,7 @@ from sfprompt.protocol.broker import EmbeddedBroker, free_port
 from tests.federation.harness import (
     finish,
     metrics_lines,
-    start_device,
+    start_fleet_device,
     start_server,
     stop_all,
     wait_for,
@@ -34,29 +34,24 @@ def broker(tmp_path: Path):
 
 def devices(bundle, broker, shards, tmp_path: Path, *extra: str):
     return [
-        start_device(
-            "--bundle",
-            str(bundle.device_dir),
-            "--data",
-            str(shard),
-            "--broker",
+        start_fleet_device(
+            bundle,
             broker.url,
-            "--device-id",
+            shard,
             f"dev-{i}",
+            tmp_path / f"dev-{i}.log",
             "--request-timeout",
             "15",
             *extra,
-            log=tmp_path / f"dev-{i}.log",
         )  # fmt: skip
         for i, shard in enumerate(shards)
     ]
 
 
 def restart_device(bundle, broker, shard: Path, i: int, tmp_path: Path):
-    return start_device(
-        "--bundle", str(bundle.device_dir), "--data", str(shard), "--broker", broker.url,
-        "--device-id", f"dev-{i}", "--request-timeout", "15", "--leave-when-server-stops",
-        log=tmp_path / f"dev-{i}-again.log",
+    return start_fleet_device(
+        bundle, broker.url, shard, f"dev-{i}", tmp_path / f"dev-{i}-again.log",
+        "--request-timeout", "15", "--leave-when-server-stops",
     )  # fmt: skip
 
 

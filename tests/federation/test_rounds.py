@@ -10,7 +10,7 @@ from sfprompt.protocol.broker import EmbeddedBroker
 from tests.federation.harness import (
     finish,
     metrics_lines,
-    start_device,
+    start_fleet_device,
     start_server,
     stop_all,
     write_shards,
@@ -42,17 +42,13 @@ def test_three_devices_finish_rounds_against_the_real_server(bundle, broker, tmp
         log=tmp_path / "server.log",
     )  # fmt: skip
     devices = [
-        start_device(
-            "--bundle",
-            str(bundle.device_dir),
-            "--data",
-            str(shard),
-            "--broker",
+        start_fleet_device(
+            bundle,
             broker.url,
-            "--device-id",
+            shard,
             f"dev-{i}",
+            tmp_path / f"dev-{i}.log",
             "--leave-when-server-stops",
-            log=tmp_path / f"dev-{i}.log",
         )  # fmt: skip
         for i, shard in enumerate(shards)
     ]

@@ -11,7 +11,7 @@ from sfprompt.protocol.broker import EmbeddedBroker
 from tests.federation.harness import (
     finish,
     metrics_lines,
-    start_device,
+    start_fleet_device,
     start_server,
     start_worker,
     stop_all,
@@ -55,17 +55,13 @@ def test_two_body_workers_serve_their_own_devices(small_export, tmp_path: Path) 
             log=tmp_path / "server.log",
         )  # fmt: skip
         devices = [
-            start_device(
-                "--bundle",
-                str(small_export.device_dir),
-                "--data",
-                str(shard),
-                "--broker",
+            start_fleet_device(
+                small_export,
                 broker.url,
-                "--device-id",
+                shard,
                 device_id,
+                tmp_path / f"{device_id}.log",
                 "--leave-when-server-stops",
-                log=tmp_path / f"{device_id}.log",
             )  # fmt: skip
             for device_id, shard in zip(ids, shards)
         ]
