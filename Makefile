@@ -8,15 +8,22 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= runs/sim
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup mosquitto demo test lint clean
+.PHONY: setup mosquitto datasets demo test lint clean
 
-setup: $(STAMP) mosquitto
+setup: $(STAMP) mosquitto datasets
 
 mosquitto:
 	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \
 	  { echo "installing mosquitto with apt"; $(SUDO) apt-get update -q && \
 	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q mosquitto; }
+
+# Fashion-MNIST for `sfprompt-sim --data fashion-mnist`, as Debian packages it (IDX files).
+datasets:
+	@[ -f $(FASHION) ] || \
+	  { echo "installing dataset-fashion-mnist with apt"; $(SUDO) apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q dataset-fashion-mnist; }
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)

@@ -36,6 +36,7 @@ class RoundMetrics:
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (device, reason)
     params_before: str = ""  # fingerprints of the global weights, to check a resumed run
     params_after: str = ""
+    eval_samples: int | None = None  # test images behind accuracy and loss; None: not evaluated
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (rejected pairs become two-item lists)."""
@@ -58,6 +59,7 @@ class RoundMetrics:
                 rejected=[(device, reason) for device, reason in data.get("rejected", [])],
                 params_before=data.get("params_before", ""),
                 params_after=data.get("params_after", ""),
+                eval_samples=data.get("eval_samples"),
             )
         except KeyError as error:
             raise ValueError(f"round metrics: field {error.args[0]!r} is missing") from None

@@ -117,6 +117,7 @@ class Coordinator:
         checkpoint_path: Path,
         metrics_log: MetricsLog,
         evaluate: Callable[[Params], tuple[float, float] | None] = lambda params: None,
+        eval_samples: int | None = None,  # test images `evaluate` uses, for the metrics
         on_round: Callable[[RoundMetrics], None] = lambda metrics: None,
         on_device_gone: Callable[[str], None] = lambda device_id: None,
     ) -> None:
@@ -126,6 +127,7 @@ class Coordinator:
         self.checkpoint_path = checkpoint_path
         self.metrics_log = metrics_log
         self.evaluate = evaluate
+        self.eval_samples = eval_samples
         self.on_round = on_round
         self.registry = Registry()
         self.params = {k: np.array(v, dtype=np.float32) for k, v in initial_params.items()}
@@ -205,6 +207,7 @@ class Coordinator:
             round=number,
             accuracy=None if result is None else result[0],
             loss=None if result is None else result[1],
+            eval_samples=None if result is None else self.eval_samples,
             seconds=time.time() - started,
             devices={
                 d: {**state.device_metrics.get(d, {}), "bytes_down_task": float(task_bytes[d])}

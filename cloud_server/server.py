@@ -32,6 +32,10 @@ from .step_state import StepStore
 
 log = logging.getLogger(__name__)
 
+# Seeds the choice of the evaluated test images: the same ones every round and after a restart,
+# so accuracies of one run (and of runs with the same --eval-samples) compare like with like.
+EVAL_SEED = 0
+
 
 @dataclass(frozen=True)
 class BrokerSettings:
@@ -101,8 +105,8 @@ class ServeConfig:
     rounds: RoundConfig = field(default_factory=RoundConfig)
     body: BodyConfig = field(default_factory=BodyConfig)
     out: Path = Path("runs/server")
-    test_data: Path | None = None  # evaluated after every round (ImageFolder, CIFAR, .npz)
-    eval_samples: int | None = 2000
+    test_data: Path | None = None  # evaluated after every round (ImageFolder, CIFAR, .npz, IDX)
+    eval_samples: int | None = 2000  # a fixed stratified subset of the test set; None: all
     max_batch: int = 256  # cross-device batching: samples per body call
     max_wait_ms: float = 5.0  # how long a body call waits for other devices' requests
     body_workers: int = 0  # 0: serve the body here; N: N `sfprompt-cloud worker`s do
@@ -148,13 +152,19 @@ def stop_on_signals() -> threading.Event:
 def load_test_set(
     path: Path, model: ServerModel, limit: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The server-side test set, preprocessed once with the device's own transform."""
+    """The server-side test set, preprocessed once with the device's own transform.
+
+    A set larger than `limit` is cut to a stratified subset seeded with `EVAL_SEED` (indices in
+    file order), never to its first images: test sets are often sorted by class.
+    """
     from sfprompt.data.datasets import load_image_set
+    from sfprompt.data.sampling import stratified_subset
     from sfprompt.data.transforms import EvalTransform
 
     images = load_image_set(path, split="test")
-    count = len(images) if limit is None else min(limit, len(images))
-    indices = np.arange(count)
+    indices = np.arange(len(images), dtype=np.int64)
+    if limit is not None:
+        indices = stratified_subset(images.labels, limit, np.random.default_rng(EVAL_SEED))
     transform = EvalTransform.from_config(model.manifest.preprocess)
     return images.preprocessed(indices, transform), images.labels[indices]
 
@@ -199,6 +209,7 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> list[dict]:
             out / "checkpoint.safetensors",
             MetricsLog(out / "metrics.jsonl"),
             evaluate,
+            eval_samples=None if test is None else len(test[1]),
             on_round=lambda m: _after_round(m, progress, exporter, coordinator),
             on_device_gone=store.drop_device,
         ).attach()

@@ -1,8 +1,9 @@
 """A device's (or the server's) labelled images, read lazily from the formats users have.
 
-`load_image_set` recognises an ImageFolder tree, CIFAR-10 / CIFAR-100 binary batches and .npz
-arrays. Nothing is preprocessed up front: a Raspberry Pi holding 50,000 CIFAR images keeps them
-as uint8 (memory-mapped, for CIFAR files) and normalises one batch at a time.
+`load_image_set` recognises an ImageFolder tree, CIFAR-10 / CIFAR-100 binary batches, .npz
+arrays and IDX files (MNIST, Fashion-MNIST). Nothing is preprocessed up front: a Raspberry Pi
+holding 50,000 CIFAR images keeps them as uint8 (memory-mapped, for CIFAR files) and normalises
+one batch at a time.
 
 Bad files never stop a run: an image Pillow cannot decode, or a CIFAR file cut short, is named
 through `on_skip` and left out when the set is loaded, so training never meets it. A data set
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataError
+from .idx import FASHION_MNIST_CLASSES, is_idx_folder, load_idx_pair
 from .transforms import EvalTransform, to_pil
 
 _log = logging.getLogger(__name__)
@@ -178,6 +180,8 @@ def load_image_set(
       `<split>.npz`;
     - CIFAR-10 binary (`data_batch_*.bin`, `test_batch.bin`) or CIFAR-100 binary (`train.bin`,
       `test.bin`), in `path` or in its `cifar-10-batches-bin` / `cifar-100-binary` folder;
+    - IDX files (`train-images-idx3-ubyte[.gz]`, `t10k-*` for the test split), in `path` or in
+      its `raw` folder (torchvision's layout); grey images stay (N, H, W), made RGB when read;
     - an ImageFolder: one folder per class (sorted by name, as torchvision does), or such a tree
       under `path/<split>` when `path` holds only split folders. A plain ImageFolder has no
       splits, and `split` is not used.
@@ -202,6 +206,8 @@ def load_image_set(
         found = _load_npz(wanted)
     elif (cifar := _cifar_dir(path)) is not None:
         found = _load_cifar(cifar, split, report)
+    elif (idx := _idx_dir(path)) is not None:
+        found = _load_idx(idx, split)
     else:
         found = _load_image_folder(_split_dir(path, split), report)
     if len(found) == 0:
@@ -291,6 +297,22 @@ def _load_cifar(folder: Path, split: str, report: Callable[[str], None]) -> Imag
     return ImageSet(_ArraySource(chunks), rows, all_labels, classes, str(folder))
 
 
+def _idx_dir(path: Path) -> Path | None:
+    """The folder holding IDX files: `path` itself or its `raw` folder (torchvision's)."""
+    return next((f for f in (path, path / "raw") if is_idx_folder(f)), None)
+
+
+def _load_idx(folder: Path, split: str) -> ImageSet:
+    """An IDX image/label pair. The files name no classes: a folder whose path says "fashion"
+    gets Fashion-MNIST's names, any other (MNIST, KMNIST) the label numbers."""
+    if split == "val":
+        raise DataError(f"IDX files in {folder} have only train and test splits, not 'val'")
+    images, labels = load_idx_pair(folder, split)
+    fashion = "fashion" in str(folder.resolve()).lower() and labels.max(initial=0) < 10
+    classes = list(FASHION_MNIST_CLASSES) if fashion else None
+    return ImageSet.from_arrays(images, labels, classes, description=str(folder))
+
+
 def _batch_number(path: Path) -> int:
     suffix = path.stem.rsplit("_", 1)[-1]
     return int(suffix) if suffix.isdigit() else 0
@@ -320,7 +342,9 @@ def _load_image_folder(root: Path, report: Callable[[str], None]) -> ImageSet:
     """torchvision's ImageFolder walk (classes and files sorted), each file checked by decoding."""
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise DataError(f"no data set found in {root}: no .npz, CIFAR .bin files or class folders")
+        raise DataError(
+            f"no data set found in {root}: no .npz, CIFAR .bin or IDX files, or class folders"
+        )
     paths: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(classes):

@@ -1,12 +1,17 @@
 """The images a simulation federates, as uint8 arrays at the model's input size.
 
-Three sources behind one function, `load_sim_data`:
+Four sources behind one function, `load_sim_data`:
 - "digits" (the offline default): sklearn's 8x8 digits, upscaled to RGB. Only the digits 0-4 are
-  federated; 5-9 are kept for pre-training (`digits_pretraining_set`), so the pre-trained ViT has
+  federated; 5-9 are kept for pre-training (`pretraining_set`), so the pre-trained ViT has
   features to transfer but has never seen a label the federation learns.
-- torchvision's data sets (the paper's CIFAR-10/100, SVHN, Flowers-102, Caltech101, Food101),
-  read from a local root; only `download=True` reaches the network.
-- any directory `load_image_set` reads (an ImageFolder, .npz arrays, CIFAR binaries).
+- "fashion-mnist": the IDX files of Debian's `dataset-fashion-mnist` (offline once installed),
+  split the same way: T-shirt/top, Trouser, Pullover, Dress and Coat are federated with the
+  official test split; Sandal, Shirt, Sneaker, Bag and Ankle boot are kept for pre-training. A
+  harder task than digits, with 30,000 training images, so accuracies say more.
+- torchvision's data sets (the paper's CIFAR-10/100, SVHN, Flowers-102, Caltech101, Food101, and
+  MNIST, KMNIST, Fashion-MNIST with all ten classes), read from a local root; only
+  `download=True` reaches the network.
+- any directory `load_image_set` reads (an ImageFolder, .npz arrays, CIFAR binaries, IDX files).
 
 Everything is decoded up front: a simulation holds a few thousand small images, and uint8 arrays
 can be sliced into device shards without touching the files again.
@@ -23,11 +28,27 @@ from PIL import Image
 
 from sfprompt.data.datasets import ImageSet, load_image_set
 from sfprompt.data.errors import DataError
+from sfprompt.data.idx import FASHION_MNIST_CLASSES, idx_path, load_idx_pair
+from sfprompt.data.sampling import stratified_split, stratified_subset
 
 DIGITS_FEDERATED = (0, 1, 2, 3, 4)  # the federation's classes
 DIGITS_PRETRAINING = (5, 6, 7, 8, 9)  # reserved for pre-training; never in `load_sim_data`
+FASHION_FEDERATED = (0, 1, 2, 3, 4)  # T-shirt/top, Trouser, Pullover, Dress, Coat
+FASHION_PRETRAINING = (5, 6, 7, 8, 9)  # Sandal, Shirt, Sneaker, Bag, Ankle boot
+FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")  # where Debian's package puts it
+FASHION_FIX = "install it (sudo apt-get install dataset-fashion-mnist) or pass --root DIR"
 TEST_FRACTION = 0.2  # where a source has no official test split
-TORCHVISION_SETS = ("cifar10", "cifar100", "svhn", "flowers102", "caltech101", "food101")
+TORCHVISION_SETS = (
+    "cifar10",
+    "cifar100",
+    "svhn",
+    "flowers102",
+    "caltech101",
+    "food101",
+    "mnist",
+    "kmnist",
+    "fashionmnist",
+)
 DEFAULT_ROOT = Path("~/.cache/sfprompt/datasets")  # torchvision sets when no root is given
 
 
@@ -60,11 +81,12 @@ def load_sim_data(
     max_test: int | None = None,
     seed: int = 0,
 ) -> SimData:
-    """Load `name` ("digits", a torchvision set in `TORCHVISION_SETS`, or a directory).
+    """Load `name` ("digits", "fashion-mnist", a torchvision set in `TORCHVISION_SETS`, or a
+    directory). `root` is where torchvision sets live, or the folder of Fashion-MNIST's IDX files.
 
     `max_train` / `max_test` keep a seeded, stratified subset. Raises `SimDataError` for an
-    unknown name, a torchvision set missing under `root` (or one that cannot be downloaded),
-    or a directory `load_image_set` cannot read.
+    unknown name, Fashion-MNIST or a torchvision set missing under `root` (or one that cannot be
+    downloaded), or a directory `load_image_set` cannot read.
     """
     if image_size < 1:
         raise SimDataError(f"image_size must be a positive number of pixels, got {image_size}")
@@ -85,6 +107,8 @@ def load_sim_data(
             [str(d) for d in DIGITS_FEDERATED],
         )
         return _limit(data, max_train, max_test, rng)
+    if key == "fashion-mnist":
+        return _load_fashion(root, image_size, max_train, max_test, rng)
     if key in TORCHVISION_SETS:
         folder = Path(root).expanduser() if root is not None else DEFAULT_ROOT.expanduser()
         return _load_torchvision(key, folder, image_size, download, max_train, max_test, rng)
@@ -92,46 +116,35 @@ def load_sim_data(
     if path.exists():
         return _load_folder(path, image_size, max_train, max_test, rng)
     raise SimDataError(
-        f"unknown data set {name!r}: give 'digits', one of {', '.join(TORCHVISION_SETS)}, "
-        "or a directory of images (ImageFolder or .npz)"
+        f"unknown data set {name!r}: give 'digits', 'fashion-mnist', one of "
+        f"{', '.join(TORCHVISION_SETS)}, or a directory of images (ImageFolder, .npz, IDX)"
     )
 
 
-def digits_pretraining_set(image_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """The digits 5-9, relabelled 0-4: (N, H, W, 3) uint8 images and (N,) int64 labels."""
-    return _digits(DIGITS_PRETRAINING, image_size)
-
-
-def stratified_split(
-    labels: np.ndarray, fraction: float, rng: np.random.Generator
+def pretraining_set(
+    name: str, image_size: int = 32, split: str = "train", root: Path | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (rest, picked): `fraction` of every class picked at random (at least one each
-    when the class has two or more), both sorted."""
-    labels = np.asarray(labels)
-    picked: list[np.ndarray] = []
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        n = int(round(fraction * len(members)))
-        if len(members) >= 2:
-            n = min(max(n, 1), len(members) - 1)
-        picked.append(members[:n])
-    chosen = np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
-    rest = np.setdiff1d(np.arange(len(labels)), chosen)
-    return rest.astype(np.int64), chosen.astype(np.int64)
+    """The classes 5-9 that `load_sim_data(name)` leaves out, relabelled 0-4: (N, S, S, 3) uint8
+    images and (N,) int64 labels.
+
+    "digits" has one split, all its 5-9 ("train"; the pre-training holds out its own share);
+    "fashion-mnist" has the official train and test splits, read from `root` (Debian's folder
+    by default). Raises `SimDataError` for another name or split, or missing files.
+    """
+    key = name.lower()
+    if key == "digits":
+        if split != "train":
+            raise SimDataError(f"digits has only a 'train' pre-training split, not {split!r}")
+        return _digits(DIGITS_PRETRAINING, image_size)
+    if key == "fashion-mnist":
+        grey, labels = _fashion(FASHION_PRETRAINING, split, root)
+        return _grey_to_rgb(grey, image_size), labels
+    raise SimDataError(f"no pre-training classes for {name!r}: give 'digits' or 'fashion-mnist'")
 
 
-def stratified_subset(labels: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
-    """Sorted indices of `limit` samples with class proportions kept (all when fewer)."""
-    labels = np.asarray(labels)
-    if limit >= len(labels):
-        return np.arange(len(labels), dtype=np.int64)
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = np.floor(counts * limit / len(labels)).astype(np.int64)
-    # hand the rounding remainder to the classes that lost most to the floor
-    remainder = counts * limit / len(labels) - quota
-    quota[np.argsort(-remainder, kind="stable")[: limit - quota.sum()]] += 1
-    picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota) if q]
-    return np.sort(np.concatenate(picked)).astype(np.int64)
+def digits_pretraining_set(image_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """`pretraining_set("digits", image_size)`, the set `sim/pretrain.py` trains on."""
+    return pretraining_set("digits", image_size)
 
 
 def fit_image(image: Image.Image, size: int) -> np.ndarray:
@@ -167,15 +180,63 @@ def _digits(keep: Sequence[int], image_size: int) -> tuple[np.ndarray, np.ndarra
     mask = np.isin(digits.target, keep)
     grey = np.rint(digits.images[mask] * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8) in [0, 16]
     big = grey.repeat(4, axis=1).repeat(4, axis=2)  # (N, 32, 32) nearest-neighbour x4
-    if image_size != big.shape[1]:
+    return _grey_to_rgb(big, image_size), _relabel(digits.target[mask], keep)
+
+
+def _fashion(keep: Sequence[int], split: str, root: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST's `split` with labels in `keep`, relabelled: (N, 28, 28) uint8, (N,)."""
+    folder = Path(root).expanduser() if root is not None else FASHION_ROOT
+    if split not in ("train", "test"):
+        raise SimDataError(f"fashion-mnist has the splits 'train' and 'test', not {split!r}")
+    try:
+        grey, labels = load_idx_pair(folder, split)
+    except DataError as err:
+        raise SimDataError(
+            f"fashion-mnist not readable in {folder} ({err}): {FASHION_FIX}"
+        ) from err
+    mask = np.isin(labels, keep)
+    return grey[mask], _relabel(labels[mask], keep)
+
+
+def _load_fashion(
+    root: Path | None,
+    image_size: int,
+    max_train: int | None,
+    max_test: int | None,
+    rng: np.random.Generator,
+) -> SimData:
+    """Fashion-MNIST's classes 0-4, official splits; subsets are cut before resizing."""
+    split = {}
+    for part, limit in (("train", max_train), ("test", max_test)):
+        grey, labels = _fashion(FASHION_FEDERATED, part, root)
+        if limit is not None:
+            keep = stratified_subset(labels, limit, rng)
+            grey, labels = grey[keep], labels[keep]
+        split[part] = (_grey_to_rgb(grey, image_size), labels)
+    return SimData(
+        "fashion-mnist",
+        *split["train"],
+        *split["test"],
+        [FASHION_MNIST_CLASSES[c] for c in FASHION_FEDERATED],
+    )
+
+
+def _grey_to_rgb(grey: np.ndarray, image_size: int) -> np.ndarray:
+    """(N, S, S, 3) uint8 from (N, H, W) grey: bicubic (Pillow) when the size differs."""
+    if grey.shape[1:] != (image_size, image_size):
         size = (image_size, image_size)
-        big = np.stack(
-            [np.asarray(Image.fromarray(g).resize(size, Image.Resampling.BICUBIC)) for g in big]
-        )
-    images = np.repeat(big[..., None], 3, axis=3)  # (N, S, S, 3) grey as RGB
-    relabel = np.full(10, -1, np.int64)
-    relabel[list(keep)] = np.arange(len(keep))
-    return np.ascontiguousarray(images), relabel[digits.target[mask]]
+        resized = np.empty((len(grey), *size), np.uint8)
+        for i, g in enumerate(grey):
+            resized[i] = np.asarray(Image.fromarray(g).resize(size, Image.Resampling.BICUBIC))
+        grey = resized
+    return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=3))  # grey as RGB
+
+
+def _relabel(labels: np.ndarray, keep: Sequence[int]) -> np.ndarray:
+    """Labels in `keep` renumbered by their position in `keep` (int64)."""
+    table = np.full(int(max(keep)) + 1, -1, np.int64)
+    table[list(keep)] = np.arange(len(keep))
+    return table[labels]
 
 
 def _limit(
@@ -199,7 +260,8 @@ def _load_folder(
     rng: np.random.Generator,
 ) -> SimData:
     """A `load_image_set` data set: its own train/test splits when it has both, else 80/20."""
-    has_test = (path / "test").is_dir() or (path / "test.npz").is_file()
+    idx_test = [idx_path(f, "t10k-images-idx3-ubyte") for f in (path, path / "raw")]
+    has_test = (path / "test").is_dir() or (path / "test.npz").is_file() or any(idx_test)
     try:
         train_set = load_image_set(path, split="train")
         test_set = load_image_set(path, split="test") if has_test else None
@@ -246,6 +308,9 @@ _TORCHVISION: dict[str, tuple[str, str, list[dict], list[dict] | None]] = {
     ),
     "food101": ("Food101", "_labels", [{"split": "train"}], [{"split": "test"}]),
     "caltech101": ("Caltech101", "y", [{}], None),
+    "mnist": ("MNIST", "targets", [{"train": True}], [{"train": False}]),
+    "kmnist": ("KMNIST", "targets", [{"train": True}], [{"train": False}]),
+    "fashionmnist": ("FashionMNIST", "targets", [{"train": True}], [{"train": False}]),
 }
 
 

@@ -63,6 +63,7 @@ def test_three_devices_finish_rounds_against_the_real_server(bundle, broker, tmp
     for record in rounds:
         assert record["accepted"] == ["dev-0", "dev-1", "dev-2"]
         assert 0.0 <= record["accuracy"] <= 1.0 and record["loss"] > 0
+        assert record["eval_samples"] == 200  # all of test.npz: fewer than --eval-samples 2000
         for stats in record["devices"].values():
             assert stats["samples"] == 24  # keep ratio 0.5 of 48
             assert stats["bytes_up_split"] > 0 and stats["bytes_down_split"] > 0

@@ -1,4 +1,5 @@
-"""load_sim_data: the offline digits split, seeded subsets, image folders, missing downloads."""
+"""load_sim_data: the offline digits and Fashion-MNIST splits, seeded subsets, image folders,
+missing downloads and missing packages."""
 
 from __future__ import annotations
 
@@ -9,12 +10,20 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from sfprompt.data.idx import load_idx_pair
+from sfprompt.data.sampling import stratified_subset
 from sfprompt.sim.datasets import (
+    FASHION_ROOT,
     SimDataError,
     digits_pretraining_set,
     fit_image,
     load_sim_data,
-    stratified_subset,
+    pretraining_set,
+)
+
+needs_fashion = pytest.mark.skipif(
+    not (FASHION_ROOT / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Debian's dataset-fashion-mnist is not installed (make datasets)",
 )
 
 
@@ -146,3 +155,85 @@ def test_unknown_name_and_bad_arguments() -> None:
     with pytest.raises(SimDataError, match="max_train"):
         load_sim_data("digits", max_train=0)
     assert issubclass(SimDataError, ValueError)
+
+
+def _write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """A hand-written IDX pair (magic 00 00 08 <ndim>, big-endian uint32 dims, bytes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+        dims = b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+        data = bytes([0, 0, 8, array.ndim]) + dims + array.astype(np.uint8).tobytes()
+        (folder / f"{prefix}-{kind}-ubyte").write_bytes(data)
+
+
+def test_fashion_mnist_root_keeps_classes_0_to_4_and_resizes(tmp_path: Path) -> None:
+    """--root points at any folder of IDX files: classes 5-9 leave the federation for
+    pre-training, the rest keep their images; 28 x 28 grey becomes S x S RGB."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 10  # four of each class
+    images = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    _write_idx(tmp_path, "train", images, labels)
+    _write_idx(tmp_path, "t10k", images[:20], labels[:20])
+    data = load_sim_data("fashion-mnist", root=tmp_path, image_size=28)
+    assert data.classes == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"]
+    assert np.bincount(data.train_labels).tolist() == [4] * 5
+    assert np.bincount(data.test_labels).tolist() == [2] * 5
+    assert np.array_equal(data.train_images[..., 1], images[labels < 5])
+    assert data.train_labels.tolist() == labels[labels < 5].tolist()
+    big = load_sim_data("fashion-mnist", root=tmp_path, image_size=32, max_train=10, max_test=5)
+    assert big.train_images.shape == (10, 32, 32, 3) and big.test_images.shape == (5, 32, 32, 3)
+    assert np.bincount(big.train_labels).tolist() == [2] * 5
+    assert (big.train_images[..., 0] == big.train_images[..., 2]).all()
+    pre_images, pre_labels = pretraining_set("fashion-mnist", 28, "test", root=tmp_path)
+    assert pre_labels.tolist() == (labels[:20][labels[:20] >= 5] - 5).tolist()
+    assert np.array_equal(pre_images[..., 0], images[:20][labels[:20] >= 5])
+    as_folder = load_sim_data(str(tmp_path), image_size=28)  # IDX files as a plain directory
+    assert len(as_folder.train_labels) == 40 and len(as_folder.test_labels) == 20  # own t10k
+
+
+def test_fashion_mnist_missing_names_the_package_and_root(tmp_path: Path) -> None:
+    with pytest.raises(SimDataError, match="apt-get install dataset-fashion-mnist") as err:
+        load_sim_data("fashion-mnist", root=tmp_path / "nothing")
+    assert "--root" in str(err.value) and str(tmp_path / "nothing") in str(err.value)
+
+
+@needs_fashion
+def test_debian_fashion_mnist_is_the_official_split_of_classes_0_to_4() -> None:
+    """30,000 training and 5,000 test images (6,000 / 1,000 per class), in file order, the same
+    pixels as the IDX files; the pre-training test split is the other 5,000."""
+    data = load_sim_data("fashion-mnist", image_size=28)
+    assert data.train_images.shape == (30000, 28, 28, 3) and data.train_images.dtype == np.uint8
+    assert data.test_images.shape == (5000, 28, 28, 3)
+    assert data.train_labels.dtype == np.int64
+    assert np.bincount(data.train_labels).tolist() == [6000] * 5
+    assert np.bincount(data.test_labels).tolist() == [1000] * 5
+    raw_x, raw_y = load_idx_pair(FASHION_ROOT, "test")
+    assert np.array_equal(data.test_images[..., 2], raw_x[raw_y < 5])
+    assert data.test_labels[:4].tolist() == [2, 1, 1, 1]  # file labels 9, 2, 1, 1, 6, 1: 9, 6 out
+    pre_images, pre_labels = pretraining_set("fashion-mnist", 28, "test")
+    assert np.bincount(pre_labels).tolist() == [1000] * 5
+    assert pre_labels[0] == 4 and np.array_equal(pre_images[0, ..., 0], raw_x[0])  # Ankle boot
+    small = load_sim_data("fashion-mnist", image_size=32, max_train=100, max_test=50, seed=1)
+    assert np.bincount(small.test_labels).tolist() == [10] * 5
+    assert small.train_images.shape == (100, 32, 32, 3)
+
+
+def test_pretraining_set_names_and_splits() -> None:
+    """digits' pre-training set is all of 5-9 (the alias pretrain.py uses gives the same);
+    it has no test split, and other names have no pre-training classes."""
+    images, labels = pretraining_set("digits", 32)
+    alias_images, alias_labels = digits_pretraining_set(32)
+    assert np.array_equal(images, alias_images) and np.array_equal(labels, alias_labels)
+    with pytest.raises(SimDataError, match="only a 'train'"):
+        pretraining_set("digits", 32, "test")
+    with pytest.raises(SimDataError, match="no pre-training classes"):
+        pretraining_set("cifar10", 32)
+
+
+@pytest.mark.parametrize("name", ["mnist", "kmnist", "fashionmnist"])
+def test_torchvision_mnist_family_is_looked_up_under_root(tmp_path: Path, name: str) -> None:
+    """The torchvision table builds MNIST, KMNIST, FashionMNIST: missing files are a clear
+    SimDataError naming the root, not a TypeError from a wrong constructor argument."""
+    with pytest.raises(SimDataError, match="--download") as err:
+        load_sim_data(name, root=tmp_path / "none")
+    assert str(tmp_path / "none") in str(err.value)
