@@ -1,0 +1,463 @@
+"""Exact bytes per device and round, from a bundle manifest and the protocol's own encoder.
+
+The simulator measures bytes by running a federation, which is out of reach at the paper's
+scale (ViT-Base, 50,000 CIFAR-10 images, 100 devices) on one machine. This model gives the same
+numbers without running one: every message size is the length of a real message encoded by
+`protocol.codec.encode` (zeros of the right shapes), cut into chunks as `MqttClient.packets` cuts
+it, so it follows the codec, the encodings (fp32 / fp16 / bf16 / int8 with its per-row scales)
+and chunking wherever they go.
+
+What is counted is what the real federation counts in `metrics.jsonl` (read by
+`sim/run_split._result`): **MQTT payload bytes only**, i.e. the safetensors message, or the sum of
+its chunk messages (each with its own header) when it exceeds one packet.
+
+- `bytes_up_split`, `bytes_down_split`: the device's `MqttClient.traffic`, the payloads it
+  published on its `smashed` and `grad_z` topics and received on `body_out` and `grad_h`, over one
+  round (`edge_client/device.py`, `run_round`).
+- `bytes_down_task`: the server, the sum of the TASK packets it published to that device
+  (`cloud_server/rounds.py`, `_send_tasks`).
+- `bytes_up_update`: the server, `len(encode(update))`: the UPDATE unchunked, even when it
+  travelled in chunks (only above 8 MiB of prompt + tail) (`rounds.py`, `_on_update`).
+
+Not counted, here or there: the MQTT fixed header, topic and v5 properties (content type,
+response topic, correlation data: about 100-200 bytes per packet), PUBACKs, TCP/IP and TLS
+framing, and any request repeated after a timeout (the model assumes none).
+
+Message sizes depend on the envelope's text (device id, round and step digits; a chunk's index)
+and on the tensors' shapes, not on their values, except where a message carries free text: the
+TASK's settings (its deadline) and the UPDATE's metrics and memory maps. Pass the real ones for
+an exact count; the defaults are typical values, within a few bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from sfprompt.edge_client.pruning import keep_hardest
+from sfprompt.protocol.bundle import Manifest
+from sfprompt.protocol.chunking import CHUNK_OVERHEAD
+from sfprompt.protocol.client_config import ClientConfig
+from sfprompt.protocol.codec import encode
+from sfprompt.protocol.messages import (
+    BodyOut,
+    Chunk,
+    GradH,
+    GradZ,
+    Message,
+    PhaseSettings,
+    Smashed,
+    Task,
+    Update,
+)
+from sfprompt.protocol.mqtt_client import _PACKET_OVERHEAD  # the client's reserve per packet
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
+
+    from sfprompt.export.split_vit import Cut
+
+ActivationKind = type[Smashed] | type[BodyOut] | type[GradZ] | type[GradH]
+
+DEFAULT_CHUNK_BYTES = ClientConfig(client_id="comm-model").max_chunk_bytes
+"""The clients' own packet limit (8 MiB); a broker may announce a smaller one."""
+
+UPDATE_METRICS = (
+    "local_loss",
+    "split_loss",
+    "kept",
+    "local_samples",
+    "split_steps",
+    "bytes_up_split",
+    "bytes_down_split",
+)
+"""The `metrics` map of a device's UPDATE (`edge_client/device.py`); the rest is `memory`."""
+
+UPDATE_MEMORY = tuple(
+    ["peak_rss_mb"]
+    + [
+        f"{phase}_{what}"
+        for phase in ("self_update", "split_train")
+        for what in ("peak_rss_mb", "uss_mb", "cpu_s", "s")
+    ]
+)
+"""The `memory` map of a device's UPDATE: peak RSS, then per phase (`MemoryProfiler`)."""
+
+TYPICAL_DEADLINE = 1_767_225_600.123456
+"""A TASK deadline (unix seconds) whose text is as long as a real one's, within a digit."""
+
+_TYPICAL_VALUE = 123.45678901234568  # a float whose text (repr) is as long as most measured ones
+_REF_DEVICE = "ref"  # the envelope of the reference messages each template is encoded from
+
+
+@dataclass(frozen=True)
+class Link:
+    """How payloads are cut into packets: the client's limit, or the broker's Maximum Packet
+    Size (learnt from CONNACK) less the client's reserve for headers, whichever is smaller."""
+
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    broker_max_packet: int | None = None
+
+    @property
+    def limit(self) -> int:
+        """The largest payload sent whole (`MqttClient.packets`)."""
+        limit = self.max_chunk_bytes
+        if self.broker_max_packet:
+            limit = min(limit, self.broker_max_packet - _PACKET_OVERHEAD)
+        return limit
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """The envelope fields whose text varies between messages of one kind and shape."""
+
+    device_id: str
+    round: int = 1
+    step: int = 0
+
+    @property
+    def text(self) -> int:
+        return len(self.device_id) + len(str(self.round)) + len(str(self.step))
+
+
+@dataclass(frozen=True)
+class _Template:
+    """An encoded message's size as a function of its envelope's text length.
+
+    Two messages of one kind and tensor shapes differ on the wire only in the envelope's text:
+    msg_ids are always 32 hex digits and the tensor header is fixed by the shapes. The JSON header
+    is padded to a multiple of 8 bytes (with the 8-byte length in front), as `wire.pack` does, so
+    the size is rebuilt from the unpadded header of one real encoding.
+    """
+
+    header: int  # unpadded JSON header of the reference message
+    data: int  # tensor bytes
+    text: int  # Stamp.text of the reference message
+
+    @classmethod
+    def of(cls, payload: bytes, text: int) -> _Template:
+        length = int.from_bytes(payload[:8], "little")
+        header = len(payload[8 : 8 + length].rstrip(b" "))  # JSON ends in "}", never a space
+        return cls(header, len(payload) - 8 - length, text)
+
+    def size(self, text: int) -> int:
+        header = self.header + text - self.text
+        return 8 + header + (-(header + 8) % 8) + self.data
+
+
+class WireSizes:
+    """Payload bytes of the protocol's messages as a sending `MqttClient` counts them.
+
+    Each kind and shape is encoded once, with zeros (cached), so that a paper-scale round of
+    hundreds of 80 MB messages costs a few encodings.
+    """
+
+    def __init__(self, link: Link | None = None) -> None:
+        self.link = link or Link()
+        self._activations: dict[tuple[str, tuple[int, ...], str], _Template] = {}
+        self._chunks: dict[tuple[bool, int, int, int], _Template] = {}
+
+    def activation(
+        self, cls: ActivationKind, shape: tuple[int, ...], encoding: str, stamp: Stamp
+    ) -> int:
+        """One SMASHED, BODY_OUT, GRAD_Z or GRAD_H of `shape` (batch first) in `encoding`."""
+        key = (cls.kind, tuple(shape), encoding)
+        template = self._activations.get(key)
+        if template is None:
+            zeros = np.zeros(shape, np.float32)
+            reference = cls(  # type: ignore[call-arg]
+                device_id=_REF_DEVICE, encoding=encoding, **{cls.tensor_field: zeros}
+            )
+            template = _Template.of(encode(reference), Stamp(_REF_DEVICE, 0, 0).text)
+            self._activations[key] = template
+        return self.packets(template.size(stamp.text), stamp)
+
+    def message(self, message: Message) -> int:
+        """Any message, encoded as it is (TASK, UPDATE: small, and their text varies)."""
+        stamp = Stamp(message.device_id, message.round, message.step)
+        return self.packets(len(encode(message)), stamp)
+
+    def packets(self, total: int, stamp: Stamp) -> int:
+        """A `total`-byte payload as sent: itself, or its chunk messages (`chunking.split`)."""
+        limit = self.link.limit
+        if total <= limit:
+            return total
+        size = max(limit, CHUNK_OVERHEAD + 1) - CHUNK_OVERHEAD
+        count = -(-total // size)
+        return sum(
+            self._chunk(index == count - 1, count, size, total).size(stamp.text + len(str(index)))
+            for index in range(count)
+        )
+
+    def _chunk(self, last: bool, count: int, size: int, total: int) -> _Template:
+        """A chunk of a set; the last one holds the rest (and must carry the last index)."""
+        key = (last, count, size, total)
+        template = self._chunks.get(key)
+        if template is None:
+            index = count - 1 if last else 0
+            reference = Chunk(
+                device_id=_REF_DEVICE,
+                msg_id="0" * 32,  # the carried message's id: always 32 hex digits
+                index=index,
+                count=count,
+                chunk_size=size,
+                total_bytes=total,
+                sha256="0" * 64,
+                data=np.zeros(total - index * size if last else size, np.uint8),
+            )
+            text = Stamp(_REF_DEVICE, 0, 0).text + len(str(index))
+            template = _Template.of(encode(reference), text)
+            self._chunks[key] = template
+        return template
+
+
+@dataclass(frozen=True)
+class SplitShapes:
+    """Per-sample shapes of the split tensors: h and dL/dh (tokens, D); z and dL/dz."""
+
+    h: tuple[int, ...]
+    z: tuple[int, ...]
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, prompts: bool = True) -> SplitShapes:
+        """SFPrompt's shapes; with `prompts=False` SFL's, whose head adds no prompt tokens."""
+        tokens = manifest.tokens - (0 if prompts else manifest.prompts)
+        h = (tokens, manifest.embed_dim)
+        tail = manifest.tail_input
+        if tail is None or tail.kind == "all_tokens":  # the whole sequence goes down
+            return cls(h, h)
+        return cls(h, tuple(int(n) for n in tail.shape[1:]))
+
+
+@dataclass(frozen=True)
+class RoundBytes:
+    """One device's payload bytes in one round, by direction and phase.
+
+    For SFPrompt the fields are the server's counters (`metrics()`); for SFL and FL the
+    "model" fields hold the weights sent each way instead of TASK and UPDATE.
+    """
+
+    up_split: int
+    down_split: int
+    down_model: int
+    up_model: int
+
+    @property
+    def up(self) -> int:
+        return self.up_split + self.up_model
+
+    @property
+    def down(self) -> int:
+        return self.down_split + self.down_model
+
+    @property
+    def total(self) -> int:
+        return self.up + self.down
+
+    def metrics(self) -> dict[str, int]:
+        """Named as in `metrics.jsonl`, to compare with a real federation's record."""
+        return {
+            "bytes_up_split": self.up_split,
+            "bytes_down_split": self.down_split,
+            "bytes_down_task": self.down_model,
+            "bytes_up_update": self.up_model,
+        }
+
+
+def kept_samples(samples: int, keep_ratio: float) -> int:
+    """How many samples EL2N pruning keeps: ceil(gamma * n), at least one (the device's own
+    `keep_hardest`, which keeps everything at gamma = 1)."""
+    return len(keep_hardest(np.zeros(samples, np.float32), keep_ratio))
+
+
+def batch_sizes(samples: int, batch: int) -> list[int]:
+    """One pass over `samples` in batches of `batch`, the last one partial, as
+    `edge_client.phases.batches` and `sim.baselines.batches` cut it."""
+    return [min(batch, samples - start) for start in range(0, samples, batch)]
+
+
+def typical_update_maps(
+    kept: int, local_samples: int, steps: int, up_split: int, down_split: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The metrics and memory maps a device puts in its UPDATE, with typical values: their
+    text, and so the UPDATE's size, varies with the values by a few bytes."""
+    metrics = {
+        "local_loss": _TYPICAL_VALUE,
+        "split_loss": _TYPICAL_VALUE,
+        "kept": float(kept),
+        "local_samples": float(local_samples),
+        "split_steps": float(steps),
+        "bytes_up_split": float(up_split),
+        "bytes_down_split": float(down_split),
+    }
+    return metrics, dict.fromkeys(UPDATE_MEMORY, _TYPICAL_VALUE)
+
+
+def typical_settings(keep_ratio: float, batch_size: int, encoding: str) -> PhaseSettings:
+    """A TASK's settings at the server's defaults (`sfprompt-cloud serve`)."""
+    return PhaseSettings(
+        keep_ratio=keep_ratio,
+        local_epochs=1,
+        local_lr=1e-4,
+        split_lr=0.01,
+        deadline=TYPICAL_DEADLINE,
+        batch_size=batch_size,
+        encoding=encoding,
+    )
+
+
+@dataclass
+class CommModel:
+    """Bytes per device and round of SFPrompt, SFL and FL, for the model a bundle was cut from.
+
+    The manifest gives the shapes of h, z and the prompt + tail; SFL's and FL's weights are
+    sizes in bytes (`sfl_weights_bytes`, `fl_full_weights_bytes`), which need the whole model.
+    """
+
+    manifest: Manifest
+    link: Link = field(default_factory=Link)
+
+    def __post_init__(self) -> None:
+        self.wire = WireSizes(self.link)
+        self.sfprompt_shapes = SplitShapes.from_manifest(self.manifest)
+        self.sfl_shapes = SplitShapes.from_manifest(self.manifest, prompts=False)
+
+    # ---- the split exchange -------------------------------------------------------------------
+    def split_batch(
+        self, batch: int, encoding: str, stamp: Stamp, shapes: SplitShapes | None = None
+    ) -> tuple[int, int]:
+        """(up, down) of one batch: SMASHED + GRAD_Z up, BODY_OUT + GRAD_H down."""
+        shapes = shapes or self.sfprompt_shapes
+        h, z = (batch, *shapes.h), (batch, *shapes.z)
+        up = self.wire.activation(Smashed, h, encoding, stamp)
+        up += self.wire.activation(GradZ, z, encoding, stamp)
+        down = self.wire.activation(BodyOut, z, encoding, stamp)
+        down += self.wire.activation(GradH, h, encoding, stamp)
+        return up, down
+
+    def split(
+        self,
+        samples: int,
+        batch: int,
+        encoding: str,
+        device_id: str = "device-000",
+        round: int = 1,
+        epochs: int = 1,
+        first_step: int = 1,
+        shapes: SplitShapes | None = None,
+    ) -> tuple[int, int]:
+        """(up, down) of `epochs` passes over `samples`; steps count from `first_step` through
+        the round (`SplitLink` numbers them from 1, never restarting at an epoch)."""
+        up = down = 0
+        step = first_step
+        for _ in range(epochs):
+            for size in batch_sizes(samples, batch):
+                u, d = self.split_batch(size, encoding, Stamp(device_id, round, step), shapes)
+                up, down, step = up + u, down + d, step + 1
+        return up, down
+
+    # ---- prompt + tail each way ---------------------------------------------------------------
+    def params(self) -> dict[str, np.ndarray]:
+        """The prompt + tail as the TASK and UPDATE carry them (zeros: sizes only)."""
+        return {
+            key: np.zeros(tuple(int(n) for n in spec.shape), np.float32)
+            for key, spec in self.manifest.parameters.items()
+        }
+
+    def task(self, settings: PhaseSettings, device_id: str = "device-000", round: int = 1) -> int:
+        """The TASK to one device, as the server's `bytes_down_task` counts it (its packets)."""
+        task = Task(device_id=device_id, round=round, params=self.params(), settings=settings)
+        return self.wire.message(task)
+
+    def update(
+        self,
+        samples: int,
+        metrics: Mapping[str, float],
+        memory: Mapping[str, float],
+        device_id: str = "device-000",
+        round: int = 1,
+    ) -> int:
+        """The UPDATE, as the server's `bytes_up_update` counts it: encoded, unchunked."""
+        update = Update(
+            device_id=device_id,
+            round=round,
+            params=self.params(),
+            samples=samples,
+            metrics=dict(metrics),
+            memory=dict(memory),
+        )
+        return len(encode(update))
+
+    # ---- whole rounds -------------------------------------------------------------------------
+    def sfprompt_round(
+        self,
+        local_samples: int,
+        settings: PhaseSettings,
+        device_id: str = "device-000",
+        round: int = 1,
+        metrics: Mapping[str, float] | None = None,
+        memory: Mapping[str, float] | None = None,
+    ) -> RoundBytes:
+        """A device with `local_samples` images: split training on the ceil(gamma n) it keeps,
+        in batches of `settings.batch_size`, plus its TASK down and UPDATE up.
+
+        `metrics` and `memory`: the UPDATE's maps, for an exact count (default: typical ones).
+        """
+        kept = kept_samples(local_samples, settings.keep_ratio)
+        up, down = self.split(
+            kept, settings.batch_size, settings.encoding, device_id, round, settings.split_epochs
+        )
+        if metrics is None or memory is None:
+            steps = settings.split_epochs * len(batch_sizes(kept, settings.batch_size))
+            typical = typical_update_maps(kept, local_samples, steps, up, down)
+            metrics = typical[0] if metrics is None else metrics
+            memory = typical[1] if memory is None else memory
+        task = self.task(settings, device_id, round)
+        update = self.update(max(1, kept), metrics, memory, device_id, round)
+        return RoundBytes(up, down, task, update)
+
+    def sfl_round(
+        self,
+        samples: int,
+        batch: int,
+        encoding: str,
+        weights_bytes: int,
+        epochs: int = 1,
+        device_id: str = "device-000",
+        round: int = 1,
+    ) -> RoundBytes:
+        """SFL (SplitFed v2): every sample through split training with a prompt-less head,
+        and head + tail weights (`weights_bytes`) each way, as `sim/sfl.py` counts it."""
+        up, down = self.split(
+            samples, batch, encoding, device_id, round, epochs, 1, self.sfl_shapes
+        )
+        return RoundBytes(up, down, weights_bytes, weights_bytes)
+
+
+def fl_round(weights_bytes: int) -> RoundBytes:
+    """FL full fine-tuning: every weight down and back (`FlRun`), nothing else."""
+    return RoundBytes(0, 0, weights_bytes, weights_bytes)
+
+
+def sfl_weights_bytes(vit: VisionTransformer, cut: Cut) -> int:
+    """Head + tail as SFL sends them each way: `SflRun`'s own safetensors size."""
+    from .baselines import BaselineConfig
+    from .sfl import SflRun
+
+    return SflRun(vit, cut, BaselineConfig()).size
+
+
+def fl_full_weights_bytes(vit: VisionTransformer) -> int:
+    """Every weight, as FL full fine-tuning sends it each way (`FlRun`'s `weights_bytes`)."""
+    from .baselines import weights_bytes
+
+    return weights_bytes({key: p.detach().numpy() for key, p in vit.named_parameters()})
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator, NaN for an empty denominator (a table cell, not an error)."""
+    return numerator / denominator if denominator else math.nan
