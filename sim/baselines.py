@@ -3,15 +3,16 @@ tuning and SFL (SplitFed v2), on the same shards, test set, seed and rounds as t
 
 Costs per device and round: FLOPs counted by torch's FlopCounterMode on one batch and scaled by
 the samples trained; bytes as exact sizes (safetensors for weights, the protocol codec for SFL's
-four activation messages per batch); device memory estimated as weights + gradients + momentum +
-what autograd saves in one forward at the batch size (no process to measure).
+four activation messages per batch); device memory measured as the peak RSS of a fresh torch
+process that plays one device of the method on its shard (sim/device_memory.py), as the split
+methods' devices are real processes whose RSS is measured.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -35,10 +36,12 @@ from sfprompt.export.split_vit import (
 )
 
 from .costs import round_minutes
+from .device_memory import ModelSpec, measure_device_memory
 from .results import Features, MethodResult, RoundRecord
 
 BASELINES = ("fl_full", "fl_prompt", "sfl")
 FEATURE_IMAGES = 500  # test images whose features the report plots (t-SNE)
+MEMORY_NOTE = "device memory: peak RSS of a real torch process training one device's shard"
 MOMENTUM = 0.9
 Shard = tuple[np.ndarray, np.ndarray]  # images (N, H, W, 3) uint8, labels (N,)
 Tensors = tuple[torch.Tensor, torch.Tensor]  # images (N, 3, H, W) float32, labels (N,) int64
@@ -151,24 +154,15 @@ def weights_bytes(params: Params) -> int:
     return len(safetensors_save(params))
 
 
-def probe(step: Callable[[], None], weights: Sequence[torch.Tensor]) -> tuple[float, int]:
-    """FLOPs of `step` and the bytes autograd saves for backward in it (weights not counted:
-    a view of a weight shares its storage, so it is known by its data pointer)."""
-    weight_ptrs = {w.untyped_storage().data_ptr() for w in weights}
-    saved: dict[int, int] = {}  # storage pointer -> bytes, each storage counted once
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in weight_ptrs:
-            saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
-
+def count_flops(step: Callable[[], None], weights: Sequence[torch.Tensor]) -> float:
+    """FLOPs of `step` (a forward and backward), counted by FlopCounterMode; the gradients it
+    left on `weights` are dropped, so that counting does not move the first real step."""
     counter = FlopCounterMode(display=False)
-    with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with counter:
         step()
     for w in weights:
         w.grad = None
-    return float(counter.get_total_flops()), sum(saved.values())
+    return float(counter.get_total_flops())
 
 
 @dataclass
@@ -180,11 +174,6 @@ class DeviceCost:
     bytes_down: float
     device_flops: float
     server_flops: float = 0.0
-
-
-def nbytes(params: Iterable[torch.Tensor]) -> int:
-    """Bytes the tensors' elements take in memory."""
-    return sum(p.numel() * p.element_size() for p in params)
 
 
 class Trained:
@@ -223,7 +212,7 @@ class FlRun(Trained):
     """fl_full trains every weight; fl_prompt trains VPT-shallow prompts + the tail only.
     Every device holds the whole model; the server averages what they train."""
 
-    measured = {"memory": False, "bytes": False, "flops": True}
+    measured = {"bytes": False, "flops": True}  # run_baseline measures the memory
 
     def __init__(self, method: str, vit: VisionTransformer, cut: Cut, cfg: BaselineConfig):
         if method not in ("fl_full", "fl_prompt"):
@@ -245,18 +234,13 @@ class FlRun(Trained):
         what = "every weight" if method == "fl_full" else "prompt + tail"
         self.notes = [
             f"bytes: exact safetensors size of {what} ({self.size} B) each way, not a wire count",
-            "device memory: estimate (weights, gradients, momentum, saved activations)",
             "device FLOPs: FlopCounterMode on one training batch, scaled by samples",
         ]
 
-    def probe(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Count FLOPs per sample; return the estimated device peak in MB."""
-        held = {id(p): p for p in [*self.vit.parameters(), *self.trained.values()]}
+    def probe(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Count the FLOPs per sample of a training step on one batch."""
         step = lambda: F.cross_entropy(self.forward(x), y).backward()  # noqa: E731
-        flops, saved = probe(step, list(held.values()))
-        self.flops_per_sample = flops / len(y)
-        trained = nbytes(self.trained.values())
-        return (nbytes(held.values()) + 2 * trained + saved) / 2**20
+        self.flops_per_sample = count_flops(step, list(self.trained.values())) / len(y)
 
     def local_train(self, x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> float:
         """`local_epochs` of SGD on one shard from the weights loaded; the mean training loss."""
@@ -288,9 +272,35 @@ class FlRun(Trained):
 # ---------------------------------------------------------------------------------- one method
 
 
+def device_peak_mb(
+    method: str,
+    spec: ModelSpec,
+    vit: VisionTransformer,
+    cut: Cut,
+    shard: Shard,
+    preprocess: dict,
+    cfg: BaselineConfig,
+) -> float:
+    """The peak RSS of a real torch process playing one device of `method` on `shard` from
+    `vit`'s (global) weights, with the method's optimiser, batch size and learning rate:
+    measured as the split methods' device processes measure theirs, not estimated."""
+    return measure_device_memory(
+        method,
+        spec,
+        vit,
+        cut,
+        shard,
+        preprocess,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        local_epochs=cfg.local_epochs,
+        seed=cfg.seed,
+    ).peak_rss_mb
+
+
 def run_baseline(
     method: str,
-    build_model: Callable[[], VisionTransformer],
+    build_model: ModelSpec,
     preprocess: dict,
     shards: list[Shard],
     test: Shard,
@@ -302,11 +312,18 @@ def run_baseline(
     features of the final model on up to 500 test images.
 
     `cut` places SFL's split and fl_prompt's prompts, and decides what "the tail reads" for
-    the features (default: Cut()). Raises ValueError for an unknown method, no or empty shards,
-    or labels the model cannot predict.
+    the features (default: Cut()). `build_model` is a ModelSpec, not any function, because a
+    device process builds the same model to measure a device's memory (sim/device_memory.py).
+    Raises ValueError for an unknown method, no or empty shards, or labels the model cannot
+    predict; RuntimeError naming the method when the device process fails.
     """
     if method not in BASELINES:
         raise ValueError(f"run_baseline runs {BASELINES}, not {method!r}")
+    if not isinstance(build_model, ModelSpec):
+        raise TypeError(
+            f"run_baseline needs a ModelSpec to build the model, not {type(build_model).__name__}: "
+            "a separate device process builds it too, to measure a device's memory"
+        )
     if not shards:
         raise ValueError("run_baseline needs at least one shard")
     cut = cut or Cut()
@@ -328,11 +345,17 @@ def run_baseline(
     else:
         run = FlRun(method, vit, cut, cfg)
     x, y = max(data.values(), key=lambda d: len(d[1]))
-    peak_mb = run.probe(x[: cfg.batch_size], y[: cfg.batch_size])
-    result = MethodResult(method, len(shards), notes=list(run.notes))
+    run.probe(x[: cfg.batch_size], y[: cfg.batch_size])
+    result = MethodResult(method, len(shards), notes=[*run.notes, MEMORY_NOTE])
+    peak_mb: float | None = None
     for number in range(1, cfg.rounds + 1):
-        started = time.time()
         selected = select_devices(len(shards), cfg.fraction, pick_rng)
+        if peak_mb is None:  # round 1's first device: a device's footprint is the same each round
+            peak_mb = device_peak_mb(
+                method, build_model, vit, cut, shards[selected[0]], preprocess, cfg
+            )
+            progress(f"{method}: one device's process peaked at {peak_mb:.0f} MB of RSS")
+        started = time.time()
         costs = run.round(number, {i: data[i] for i in selected}, train_rng)
         accuracy, loss = evaluate(run.forward, test_x, test_y)
         minutes = [
@@ -349,7 +372,7 @@ def run_baseline(
             device_peak_mb=peak_mb,
             seconds=time.time() - started,
             est_round_minutes=float(np.mean(minutes)),
-            measured=dict(run.measured),
+            measured={"memory": True, **run.measured},
         )
         result.rounds.append(record)
         progress(

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from sfprompt.export.bundle_writer import ExportConfig, ExportResult, export_bundle
-from sfprompt.export.model_loading import create_vit
 from sfprompt.export.split_vit import Cut
 
+from .device_memory import ModelSpec
 from .results import SPLIT_METHODS, Features, MethodResult
 
 DEFAULT_METHODS = ("sfprompt", "sfl", "sfl_linear", "fl_full")
@@ -83,8 +83,7 @@ def run_simulation(cfg: SimConfig, say: Progress = print) -> tuple[list[MethodRe
     first = next(iter(bundles.values()))
     preprocess = first.device.preprocess
 
-    def build_model():  # noqa: ANN202
-        return create_vit(model_name, data.num_classes, cfg.pretrained, checkpoint, model_args)
+    build_model = ModelSpec(model_name, data.num_classes, cfg.pretrained, checkpoint, model_args)
 
     cut = Cut(cfg.head_blocks, cfg.tail_blocks, cfg.prompts)
     cost = CostModel(build_model(), cut, cfg)  # type: ignore[arg-type]

@@ -24,8 +24,7 @@ from .baselines import (
     DeviceData,
     Trained,
     batches,
-    nbytes,
-    probe,
+    count_flops,
     run_blocks,
 )
 
@@ -52,7 +51,7 @@ class SflRun(Trained):
     """SFL (SplitFed v2): head + tail on the device (every weight trained, no prompts), the body
     on the server, trained on every batch; devices are served one after another in a round."""
 
-    measured = {"memory": False, "bytes": True, "flops": True}
+    measured = {"bytes": True, "flops": True}  # run_baseline measures the memory
 
     def __init__(self, vit: VisionTransformer, cut: Cut, cfg: BaselineConfig):
         Cut(cut.head_blocks, cut.tail_blocks, 1).check(len(vit.blocks))  # Cut.check wants prompts
@@ -72,7 +71,6 @@ class SflRun(Trained):
         self.notes = [
             "bytes: codec sizes of SMASHED, BODY_OUT, GRAD_Z and GRAD_H per batch, plus the "
             f"safetensors size of head + tail ({self.size} B) each way per round",
-            "device memory: estimate (weights, gradients, momentum, saved activations)",
             "FLOPs: FlopCounterMode on one batch of head, body and tail, scaled by samples",
         ]
 
@@ -86,20 +84,19 @@ class SflRun(Trained):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tail(self.body(self.head(x)))
 
-    def probe(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Count device and server FLOPs per sample; return the estimated device peak in MB."""
+    def probe(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Count the device's and the server's FLOPs per sample on one batch."""
         device = list(self.trained.values())
         with torch.no_grad():
             h = self.head(x)
             z = self.body(h).requires_grad_(True)
         h.requires_grad_(True)
-        head_flops, head_saved = probe(lambda: self.head(x).sum().backward(), device)
+        head_flops = count_flops(lambda: self.head(x).sum().backward(), device)
         step = lambda: F.cross_entropy(self.tail(z), y).backward()  # noqa: E731
-        tail_flops, tail_saved = probe(step, device)
-        server_flops, _ = probe(lambda: self.body(h).sum().backward(), self.server)
+        tail_flops = count_flops(step, device)
+        server_flops = count_flops(lambda: self.body(h).sum().backward(), self.server)
         self.device_per_sample = (head_flops + tail_flops) / len(y)
         self.server_per_sample = server_flops / len(y)
-        return (3 * nbytes(device) + head_saved + tail_saved) / 2**20
 
     def device_round(
         self,

@@ -12,7 +12,6 @@ import torch
 from safetensors.numpy import save as safetensors_save
 
 from sfprompt.export.bundle_writer import preprocess_config
-from sfprompt.export.model_loading import create_vit
 from sfprompt.export.split_vit import Cut
 from sfprompt.protocol.codec import encode
 from sfprompt.protocol.messages import BodyOut, GradH, GradZ, Smashed
@@ -26,6 +25,7 @@ from sfprompt.sim.baselines import (
     untuned_features,
 )
 from sfprompt.sim.costs import round_minutes
+from sfprompt.sim.device_memory import ModelSpec
 from sfprompt.sim.sfl import SflRun
 
 TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}
@@ -34,10 +34,8 @@ CUT = Cut(1, 0, 2)
 PATCHES = (32 // 8) ** 2
 
 
-def build():
-    """The same 'pre-trained' tiny ViT every call (a fixed random initialisation)."""
-    torch.manual_seed(0)
-    return create_vit("vit_tiny_patch16_224", CLASSES, model_args=dict(TINY))
+# The same 'pre-trained' tiny ViT every call (a fixed random initialisation).
+build = ModelSpec("vit_tiny_patch16_224", CLASSES, model_args=dict(TINY), seed=0)
 
 
 PREPROCESS = preprocess_config(build())
@@ -106,7 +104,7 @@ def test_fl_bytes_are_the_safetensors_size_of_what_is_averaged() -> None:
     result, _ = run_baseline("fl_full", build, PREPROCESS, shards, digits_like(8, 3), cfg, CUT)
     (record,) = result.rounds
     assert record.bytes_up + record.bytes_down == 2 * size
-    assert record.measured == {"memory": False, "bytes": False, "flops": True}
+    assert record.measured == {"memory": True, "bytes": False, "flops": True}
     assert record.est_round_minutes == pytest.approx(
         round_minutes(record.device_flops, 0.0, record.bytes_up, record.bytes_down, cfg)
     )
@@ -122,7 +120,7 @@ def test_fl_bytes_are_the_safetensors_size_of_what_is_averaged() -> None:
     assert prompt_result.rounds[0].device_flops < record.device_flops  # frozen weights: no dW
 
 
-def test_fl_flops_and_memory_scale_with_the_work() -> None:
+def test_fl_flops_scale_with_the_work() -> None:
     shards = [digits_like(16, 1)]
     one, _ = run_baseline(
         "fl_full", build, PREPROCESS, shards, digits_like(8, 3), BaselineConfig(rounds=1), CUT
@@ -130,9 +128,6 @@ def test_fl_flops_and_memory_scale_with_the_work() -> None:
     cfg = BaselineConfig(rounds=1, local_epochs=2, batch_size=8)
     two, _ = run_baseline("fl_full", build, PREPROCESS, shards, digits_like(8, 3), cfg, CUT)
     assert two.rounds[0].device_flops == pytest.approx(2 * one.rounds[0].device_flops)
-    # Three copies of the weights (weights, gradients, momentum) plus activations of a batch.
-    weights_mb = sum(p.numel() * 4 for p in build().parameters()) / 2**20
-    assert 3 * weights_mb < two.rounds[0].device_peak_mb < one.rounds[0].device_peak_mb
 
 
 def test_sfl_bytes_per_batch_equal_the_codec_sizes() -> None:
