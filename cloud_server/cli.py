@@ -202,6 +202,14 @@ def _logging(verbose: bool) -> None:
     help="gamma: fraction of each device's data kept by EL2N pruning.",
 )
 @click.option(
+    "--prune",
+    type=click.Choice(["class", "global"]),
+    default="class",
+    show_default=True,
+    help="EL2N keeps the hardest gamma of each class, or of the whole local set (the paper's "
+    "rule; it drops whole classes while the classifier is biased).",
+)
+@click.option(
     "--local-epochs",
     type=int,
     default=1,

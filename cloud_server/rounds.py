@@ -64,6 +64,7 @@ class RoundConfig:
     split_epochs: int = 1
     batch_size: int = 32
     encoding: str = "fp32"  # activations and gradients on the wire
+    prune: str = "class"  # EL2N's hardest fraction per class, or "global" (the paper's rule)
     seed: int = 0
 
     def settings(self, deadline: float) -> PhaseSettings:
@@ -76,6 +77,7 @@ class RoundConfig:
             split_epochs=self.split_epochs,
             batch_size=self.batch_size,
             encoding=self.encoding,
+            prune=self.prune,
         )
 
 

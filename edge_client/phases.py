@@ -100,7 +100,8 @@ def self_update(
     else:
         if settings.local_epochs == 0:
             scores = score_el2n(runtime, params, data, settings.batch_size, should_stop)
-        kept = keep_hardest(scores, settings.keep_ratio)
+        by_class = data.images.labels if settings.prune == "class" else None
+        kept = keep_hardest(scores, settings.keep_ratio, by_class)
     return SelfUpdateResult(kept, scores, float(np.mean(losses)) if losses else float("nan"))
 
 

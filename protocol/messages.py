@@ -153,6 +153,9 @@ class Join(Envelope):
         _check_mapping(self.hardware, "hardware", "scalar")
 
 
+PRUNE_MODES = ("class", "global")
+
+
 @dataclass(frozen=True, kw_only=True)
 class PhaseSettings:
     """How a device runs one round: self-update, pruning to the hardest `keep_ratio`, split."""
@@ -165,6 +168,9 @@ class PhaseSettings:
     split_epochs: int = 1
     batch_size: int = 128
     encoding: str = "fp32"  # activations and gradients on the wire this round
+    # "class": the hardest keep_ratio of each class; "global": of the whole local set (the
+    # paper's rule, which drops whole classes while the classifier is biased: docs/simulation.md)
+    prune: str = "class"
 
     def __post_init__(self) -> None:
         _check_float(self.keep_ratio, "settings.keep_ratio", 0.0, 1.0, low_open=True)
@@ -174,6 +180,8 @@ class PhaseSettings:
         _check_float(self.deadline, "settings.deadline", 0.0, 1e12)
         _check_int(self.split_epochs, "settings.split_epochs", 0, 10_000)
         _check_int(self.batch_size, "settings.batch_size", 1, 1 << 20)
+        if self.prune not in PRUNE_MODES:
+            raise ProtocolError(BAD_FIELD, "settings.prune", f"one of {PRUNE_MODES}", self.prune)
         if self.encoding not in ENCODINGS:
             expected = f"one of {ENCODINGS}"
             raise ProtocolError(BAD_FIELD, "settings.encoding", expected, self.encoding)

@@ -307,6 +307,7 @@ def run_baseline(
     cfg: BaselineConfig,
     cut: Cut | None = None,
     progress: Callable[[str], None] = lambda m: None,
+    known_peak_mb: float | None = None,
 ) -> tuple[MethodResult, Features | None]:
     """Run one baseline for `cfg.rounds` rounds; the per-round record and, for fl_full, the
     features of the final model on up to 500 test images.
@@ -314,8 +315,10 @@ def run_baseline(
     `cut` places SFL's split and fl_prompt's prompts, and decides what "the tail reads" for
     the features (default: Cut()). `build_model` is a ModelSpec, not any function, because a
     device process builds the same model to measure a device's memory (sim/device_memory.py).
-    Raises ValueError for an unknown method, no or empty shards, or labels the model cannot
-    predict; RuntimeError naming the method when the device process fails.
+    `known_peak_mb` is a figure measured before for this method and model (another seed or
+    partition): given, no device process is started. Raises ValueError for an unknown method,
+    no or empty shards, or labels the model cannot predict; RuntimeError naming the method
+    when the device process fails.
     """
     if method not in BASELINES:
         raise ValueError(f"run_baseline runs {BASELINES}, not {method!r}")
@@ -347,7 +350,7 @@ def run_baseline(
     x, y = max(data.values(), key=lambda d: len(d[1]))
     run.probe(x[: cfg.batch_size], y[: cfg.batch_size])
     result = MethodResult(method, len(shards), notes=[*run.notes, MEMORY_NOTE])
-    peak_mb: float | None = None
+    peak_mb = known_peak_mb
     for number in range(1, cfg.rounds + 1):
         selected = select_devices(len(shards), cfg.fraction, pick_rng)
         if peak_mb is None:  # round 1's first device: a device's footprint is the same each round

@@ -17,6 +17,7 @@ import numpy as np
 from sfprompt.export.bundle_writer import ExportConfig, ExportResult, export_bundle
 from sfprompt.export.split_vit import Cut
 
+from .comparison import SeedRun
 from .device_memory import ModelSpec
 from .results import SPLIT_METHODS, Features, MethodResult
 
@@ -28,25 +29,29 @@ CACHE = Path.home() / ".cache" / "sfprompt"
 class SimConfig:
     """Every option of `sfprompt-sim`; `--config FILE` fills the same fields."""
 
-    data: str = "digits"  # digits (offline), a torchvision set name, or an ImageFolder path
-    root: Path | None = None  # where torchvision data sets live
+    data: str = "fashion-mnist"  # or digits (seconds-long), a torchvision set, an ImageFolder
+    root: Path | None = None  # where the data set's files live
     download: bool = False
-    max_train: int | None = None
-    max_test: int | None = None
-    model: str | None = None  # None: the small ViT pre-trained on digits 5-9 (cached)
+    max_train: int | None = 2500  # a seeded stratified subset (None: all)
+    max_test: int | None = 2000
+    model: str | None = None  # None: the small ViT pre-trained on classes 5-9 (shipped/cached)
     model_args: dict[str, Any] = field(default_factory=dict)
     pretrained: bool = False  # timm weights for --model, when reachable
     checkpoint: Path | None = None  # local weights for --model
-    pretrain_epochs: int = 30
+    pretrain_epochs: int | None = None  # None: the data set's default (sim/pretrain.py)
     clients: tuple[int, ...] = (5,)  # several: a clients-count sweep
-    rounds: int = 10
-    partition: str = "dirichlet"  # or iid
+    rounds: int = 8
+    partitions: tuple[str, ...] = ("iid", "dirichlet")  # iid, dirichlet, dirichlet:ALPHA
     alpha: float = 0.1  # Dirichlet concentration over labels, as in the paper
+    seeds: int = 3  # every method runs with seeds seed, seed + 1, ...
+    ceilings: bool = True  # centralised linear probe, prompt + tail, full fine-tuning
+    ceiling_epochs: int = 5
     methods: tuple[str, ...] = DEFAULT_METHODS
     prompts: int = 10
     head_blocks: int = 1
     tail_blocks: int = 0
     keep_ratio: float = 0.5
+    prune: str = "class"  # EL2N's hardest fraction per class, or "global" (the paper's rule)
     local_epochs: int = 1
     local_lr: float = 0.01
     split_lr: float = 0.1
@@ -65,10 +70,18 @@ class SimConfig:
 Progress = Callable[[str], None]
 
 
-def run_simulation(cfg: SimConfig, say: Progress = print) -> tuple[list[MethodResult], Path]:
-    """Run every method for every client count; returns the results (of the first client
-    count) and the report folder."""
-    from . import baselines, datasets, partition, report
+@dataclass
+class SimOutcome:
+    primary: list[MethodResult]  # the first partition's first seed (the detailed report)
+    runs: list[SeedRun]  # every partition and seed at the first client count
+    ceilings: list  # sim/ceilings.Ceiling
+    report_dir: Path
+
+
+def run_simulation(cfg: SimConfig, say: Progress = print) -> SimOutcome:
+    """Every method over `cfg.seeds` seeds in every partition, the ceilings, the clients sweep
+    (first partition and seed), then the report."""
+    from . import baselines, comparison, datasets, partition, report
     from .run_split import CostModel, SplitSettings, method_settings, run_split_method
 
     out = Path(cfg.out)
@@ -90,6 +103,7 @@ def run_simulation(cfg: SimConfig, say: Progress = print) -> tuple[list[MethodRe
     base = SplitSettings(
         rounds=cfg.rounds,
         keep_ratio=cfg.keep_ratio,
+        prune=cfg.prune,
         local_epochs=cfg.local_epochs,
         local_lr=cfg.local_lr,
         split_lr=cfg.split_lr,
@@ -108,70 +122,116 @@ def run_simulation(cfg: SimConfig, say: Progress = print) -> tuple[list[MethodRe
         device_gflops=cfg.device_gflops,
         server_gflops=cfg.server_gflops,
     )
+    test_pair = (data.test_images, data.test_labels)
+    primary_run: list[SeedRun] = []
     sweep: dict[int, list[MethodResult]] = {}
     features: list[Features] = []
-    test_pair = (data.test_images, data.test_labels)
-    for clients in cfg.clients:
-        rng = np.random.default_rng(cfg.seed)
-        parts = (
-            partition.partition_iid(data.train_labels, clients, rng)
-            if cfg.partition == "iid"
-            else partition.partition_dirichlet(data.train_labels, clients, cfg.alpha, rng)
-        )
-        shard_paths, test_path = partition.write_shards(data, parts, out / f"data/clients{clients}")
+    peaks: dict[str, float] = {}  # a torch device's peak RSS, measured once per method
+
+    def run_methods(clients: int, spec: str, seed: int) -> list[MethodResult]:
+        """Every method on one partition of the training data, all from one seed."""
+        where = f"clients{clients}/{spec.replace(':', '')}/seed{seed}"
+        parts = partition_for(spec, data.train_labels, clients, cfg.alpha, seed)
+        shard_paths, test_path = partition.write_shards(data, parts, out / "data" / where)
         shards = [(data.train_images[p], data.train_labels[p]) for p in parts]
+        first = not sweep and not primary_run
         results = []
         for method in cfg.methods:
-            say(f"[{clients} clients] {method}: {cfg.rounds} rounds")
+            say(f"[{clients} clients, {spec}, seed {seed}] {method}: {cfg.rounds} rounds")
             if method in SPLIT_METHODS and method != "sfl":
                 bundle = bundles["linear" if method == "sfl_linear" else "prompt"]
+                run_dir = out / "runs" / where / method
                 result = run_split_method(
                     method,
                     bundle.server_dir,
                     bundle.device_dir,
                     shard_paths,
                     test_path,
-                    method_settings(method, base),
+                    replace(method_settings(method, base), seed=seed),
                     cost,
-                    out / f"runs/clients{clients}/{method}",
+                    run_dir,
                     lambda done, acc, m=method: say(f"  {m} round {done}: accuracy {acc:.3f}"),
                 )
-                if clients == cfg.clients[0] and method in ("sfprompt", "sfl_linear"):
-                    features.append(split_features(method, bundle, out, clients, data))
+                if first and method in ("sfprompt", "sfl_linear"):
+                    features.append(split_features(method, bundle, run_dir, data))
             else:
                 result, feats = baselines.run_baseline(
-                    method, build_model, preprocess, shards, test_pair, baseline_cfg,
+                    method, build_model, preprocess, shards, test_pair,
+                    replace(baseline_cfg, seed=seed),
                     cut if method != "sfl" else replace(cut, prompts=0), progress=say,
+                    known_peak_mb=peaks.get(method),
                 )  # fmt: skip
-                if feats is not None and clients == cfg.clients[0]:
+                peaks.setdefault(method, result.rounds[0].device_peak_mb)
+                if feats is not None and first:
                     features.append(feats)
             say(f"  {result.label}: final accuracy {result.final_accuracy:.3f}")
             results.append(result)
-        sweep[clients] = results
+        return results
+
+    specs = [f"dirichlet:{cfg.alpha:g}" if p == "dirichlet" else p for p in cfg.partitions]
+    for spec in specs:  # the comparison: every partition, every seed
+        for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+            primary_run.append(SeedRun(spec, seed, run_methods(cfg.clients[0], spec, seed)))
+    sweep[cfg.clients[0]] = primary_run[0].results
+    for clients in cfg.clients[1:]:  # the clients sweep: the first partition, the first seed
+        sweep[clients] = run_methods(clients, specs[0], cfg.seed)
+    ceilings = run_ceilings(cfg, build_model, preprocess, data, cut, say)
     features.insert(0, baselines.untuned_features(build_model, preprocess, test_pair, cut))
-    primary = sweep[cfg.clients[0]]
+    primary = primary_run[0].results
     settings = {k: str(v) for k, v in asdict(cfg).items()}
     written = report.write_report(
         out / "report", primary, features, sweep if len(cfg.clients) > 1 else None, settings
     )
-    return primary, Path(written.files[0]).parent if written.files else out / "report"
+    folder = Path(written.files[0]).parent if written.files else out / "report"
+    comparison.write_comparison(folder, primary_run, ceilings, settings)
+    return SimOutcome(primary, primary_run, ceilings, folder)
+
+
+def partition_for(
+    spec: str, labels: np.ndarray, clients: int, alpha: float, seed: int
+) -> list[np.ndarray]:
+    """Device shards' indices for "iid", "dirichlet" (at `alpha`) or "dirichlet:ALPHA"."""
+    from . import partition
+
+    rng = np.random.default_rng(seed)
+    kind, _, value = spec.partition(":")
+    if kind == "iid" and not value:
+        return partition.partition_iid(labels, clients, rng)
+    if kind == "dirichlet":
+        return partition.partition_dirichlet(labels, clients, float(value or alpha), rng)
+    raise ValueError(f"unknown partition {spec!r}: iid, dirichlet or dirichlet:ALPHA")
+
+
+def run_ceilings(cfg: SimConfig, spec: ModelSpec, preprocess: dict, data, cut: Cut, say: Progress):  # noqa: ANN001, ANN201
+    """The centralised ceilings on all the federation's training data (none with --no-ceilings)."""
+    from .ceilings import CEILINGS, CeilingConfig, run_ceiling
+
+    if not cfg.ceilings:
+        return []
+    ceiling_cfg = CeilingConfig(epochs=cfg.ceiling_epochs, batch_size=cfg.batch_size, seed=cfg.seed)
+    train, test = (data.train_images, data.train_labels), (data.test_images, data.test_labels)
+    out = []
+    for kind in CEILINGS:
+        ceiling = run_ceiling(kind, spec, preprocess, train, test, cut, ceiling_cfg)
+        say(f"ceiling {ceiling.label}: {100 * ceiling.accuracy:.1f}% ({ceiling.seconds:.0f} s)")
+        out.append(ceiling)
+    return out
 
 
 def prepare_model(cfg: SimConfig, say: Progress) -> tuple[str, dict[str, Any], Path | None]:
     """The model to fine-tune: a timm name (pre-trained or from a checkpoint), or offline the
-    small ViT pre-trained on digits 5-9, with a fresh classifier for the federation's classes."""
+    small ViT pre-trained on classes 5-9 of Fashion-MNIST (or of the digits; for any other data
+    set the digits ViT), with a fresh classifier for the federation's classes."""
     if cfg.model is not None:
         return cfg.model, dict(cfg.model_args), cfg.checkpoint
-    from .pretrain import (
-        DEFAULT_MODEL,
-        DEFAULT_MODEL_ARGS,
-        fresh_head_checkpoint,
-        pretrained_digits_vit,
-    )
+    from .pretrain import DEFAULT_MODEL, MODEL_ARGS, fresh_head_checkpoint, pretrained_vit
 
-    args = {**DEFAULT_MODEL_ARGS, **cfg.model_args}
-    path = pretrained_digits_vit(cfg.cache, DEFAULT_MODEL, args, cfg.pretrain_epochs, cfg.seed, say)
-    return DEFAULT_MODEL, args, fresh_head_checkpoint(path, cfg.seed)
+    source = cfg.data if cfg.data in MODEL_ARGS else "digits"
+    args = {**MODEL_ARGS[source], **cfg.model_args}
+    path = pretrained_vit(
+        cfg.cache, source, DEFAULT_MODEL, args, cfg.pretrain_epochs, cfg.seed, say, cfg.root
+    )
+    return DEFAULT_MODEL, args, fresh_head_checkpoint(path, cfg.seed, cfg.cache)
 
 
 def export_bundles(
@@ -207,13 +267,13 @@ def export_bundles(
     return bundles
 
 
-def split_features(method: str, bundle: ExportResult, out: Path, clients: int, data) -> Features:  # noqa: ANN001
+def split_features(method: str, bundle: ExportResult, run_dir: Path, data) -> Features:  # noqa: ANN001
     """What the tail reads under the method's final global prompt, on up to 500 test images."""
     from sfprompt.cloud_server.body_model import ServerModel
     from sfprompt.cloud_server.checkpoint import load_checkpoint
     from sfprompt.data.transforms import EvalTransform
 
-    ckpt = load_checkpoint(out / f"runs/clients{clients}/{method}/server/checkpoint.safetensors")
+    ckpt = load_checkpoint(run_dir / "server/checkpoint.safetensors")
     assert ckpt is not None, "a finished run has a checkpoint"
     model = ServerModel.from_bundle(bundle.server_dir)
     images = data.test_images[:500]

@@ -1,10 +1,13 @@
-"""A small ViT pre-trained on the digits 5-9, cached, so prompt tuning has features to steer.
+"""A small ViT pre-trained on the classes 5-9 of a data set, so prompt tuning has features to steer.
 
 Offline there are no ImageNet weights, and prompt tuning of a random ViT learns next to nothing
-(the frozen body has no features to steer). So the simulator pre-trains the default small ViT
-once on the digits the federation never sees (5-9, relabelled 0-4) and caches the weights; the
-federation then fine-tunes on 0-4. The file name hashes everything that shapes the weights, so
-a changed model, recipe or seed never reuses a stale file.
+(the frozen body has no features to steer). So, as the paper pre-trains on ImageNet-21k and
+fine-tunes on CIFAR, the simulator pre-trains the default small ViT on the classes the federation
+never sees (Fashion-MNIST's or the digits' 5-9, relabelled 0-4); the federation then fine-tunes on
+0-4. The file name hashes everything that shapes the weights, so a changed model, recipe, data
+set or seed never reuses a stale file. The Fashion-MNIST backbone ships with the package
+(`sim/weights/`, made by `sfprompt-pretrain`, see docs/simulation.md), so a fresh machine does not
+pre-train for minutes; any other setting is trained once and cached.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 import torch
 from safetensors import safe_open
@@ -26,18 +30,26 @@ from safetensors.torch import load_file, save_file
 from sfprompt.export.bundle_writer import preprocess_config
 from sfprompt.export.model_loading import create_vit
 
-from .datasets import DIGITS_PRETRAINING, digits_pretraining_set, stratified_split
+from .datasets import DIGITS_PRETRAINING, pretraining_set, stratified_split
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"
-DEFAULT_MODEL_ARGS: dict[str, Any] = {
-    "img_size": 32,
-    "patch_size": 4,
-    "embed_dim": 96,
-    "depth": 6,
-    "num_heads": 3,
+# Per data set: the default small ViT's shape. Fashion-MNIST's 28 x 28 images in 7 x 7 patches
+# give 16 tokens, so three seeds of every method fit `make demo`'s budget on two cores.
+MODEL_ARGS: dict[str, dict[str, Any]] = {
+    "digits": {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3},
+    "fashion-mnist": {"img_size": 28, "patch_size": 7, "embed_dim": 96, "depth": 6, "num_heads": 3},
 }
+DEFAULT_MODEL_ARGS = MODEL_ARGS["digits"]
+DEFAULT_EPOCHS = {"digits": 30, "fashion-mnist": 12}
 RECIPE = "digits-vit/2"  # bump when the training below changes, so old caches are not reused
 NUM_CLASSES = len(DIGITS_PRETRAINING)
+SHIPPED = Path(__file__).parent / "weights"  # backbones that ship with the package
+# file name -> sha256 of each shipped backbone (sim/weights/README.md says how it was made)
+SHIPPED_SHA256 = {
+    "fashion-mnist_vit_181700579b83561c.safetensors": (
+        "4caedc740400ce49b741e891200c01c9373eb1ed60c14cb4c7492021e16f091a"
+    ),
+}
 HELD_OUT = 0.1  # of the pre-training digits, for the accuracy stored in the metadata
 BATCH = 64
 LR = 1e-3
@@ -58,46 +70,75 @@ def pretrained_digits_vit(
     seed: int = 0,
     progress: Callable[[str], None] = print,
 ) -> Path:
-    """Path of a safetensors state dict (timm keys, a 5-way head) pre-trained on digits 5-9.
+    """`pretrained_vit` on the digits 5-9 (the seconds-long setting of the tests)."""
+    return pretrained_vit(cache_dir, "digits", model, model_args, epochs, seed, progress)
 
-    Trains (and writes atomically) on the first call; later calls with the same arguments
-    return the cached file. `model_args` None means `DEFAULT_MODEL_ARGS`. The file's metadata
-    holds the recipe and the accuracy on a held-out 10% of the pre-training digits. Raises
-    `ValueError` for epochs < 1 and `ModelError` for a model timm cannot build.
+
+def pretrained_vit(
+    cache_dir: Path,
+    data: str = "fashion-mnist",
+    model: str = DEFAULT_MODEL,
+    model_args: dict[str, Any] | None = None,
+    epochs: int | None = None,
+    seed: int = 0,
+    progress: Callable[[str], None] = print,
+    root: Path | None = None,
+) -> Path:
+    """Path of a safetensors state dict (timm keys, a 5-way head) pre-trained on the classes 5-9
+    of `data` ("fashion-mnist" or "digits").
+
+    A shipped file (`sim/weights/`) or a cached one with the same key is returned as it is;
+    otherwise it trains (and writes atomically to `cache_dir`). `model_args` / `epochs` None
+    mean the data set's defaults. The file's metadata holds the recipe and the accuracy on
+    held-out images of the pre-training classes (Fashion-MNIST's official test split; 10% of the
+    digits). Raises `ValueError` for epochs < 1 and `ModelError` for a model timm cannot build.
     """
+    epochs = DEFAULT_EPOCHS.get(data, 30) if epochs is None else epochs
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
-    args = dict(DEFAULT_MODEL_ARGS if model_args is None else model_args)
+    args = dict(MODEL_ARGS.get(data, DEFAULT_MODEL_ARGS) if model_args is None else model_args)
+    name = f"{data}_vit_{cache_key(model, args, epochs, seed, data)}.safetensors"
+    for path in (SHIPPED / name, Path(cache_dir) / name):
+        if _readable(path) and _untouched(path):
+            progress(f"pre-trained {data} ViT: {path}")
+            return path
     cache_dir = Path(cache_dir)
-    path = cache_dir / f"digits_vit_{cache_key(model, args, epochs, seed)}.safetensors"
-    if _readable(path):
-        progress(f"pre-trained digits ViT: cached {path}")
-        return path
+    path = cache_dir / name
     cache_dir.mkdir(parents=True, exist_ok=True)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(_cores())
     try:
         with torch.random.fork_rng(devices=[]):  # seed locally, leave the caller's RNG alone
             torch.manual_seed(seed)
-            state, metadata = _train(model, args, epochs, seed, progress)
+            state, metadata = _train(model, args, data, root, epochs, seed, progress)
     finally:
         torch.set_num_threads(previous_threads)
     metadata.update(
-        recipe=RECIPE, model=model, model_args=json.dumps(args, sort_keys=True), seed=str(seed)
+        recipe=RECIPE,
+        data=data,
+        model=model,
+        model_args=json.dumps(args, sort_keys=True),
+        seed=str(seed),
     )
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     save_file(state, str(tmp), metadata=metadata)
     tmp.replace(path)
     progress(
-        f"pre-trained digits ViT: held-out accuracy {float(metadata['heldout_accuracy']):.3f} "
+        f"pre-trained {data} ViT: held-out accuracy {float(metadata['heldout_accuracy']):.3f} "
         f"in {float(metadata['train_seconds']):.0f} s, saved {path}"
     )
     return path
 
 
-def cache_key(model: str, model_args: dict[str, Any], epochs: int, seed: int) -> str:
+def cache_key(
+    model: str, model_args: dict[str, Any], epochs: int, seed: int, data: str = "digits"
+) -> str:
     """16 hex digits naming everything that shapes the pre-trained weights."""
-    spec = {"recipe": RECIPE, "model": model, "args": model_args, "epochs": epochs, "seed": seed}
+    spec: dict[str, Any] = {
+        "recipe": RECIPE, "model": model, "args": model_args, "epochs": epochs, "seed": seed,
+    }  # fmt: skip
+    if data != "digits":  # digits keys stay those of the caches written before
+        spec["data"] = data
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -107,8 +148,9 @@ def read_metadata(path: Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def fresh_head_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A copy of `path` whose classifier (`head.*`) is freshly initialised, next to it.
+def fresh_head_checkpoint(path: Path, seed: int = 0, out_dir: Path | None = None) -> Path:
+    """A copy of `path` whose classifier (`head.*`) is freshly initialised, in `out_dir`
+    (default: next to it).
 
     The federation's classes are not the pre-training classes, so it must not start from the
     pre-trained classifier; `create_vit` refuses a checkpoint missing `head.*` (strict keys),
@@ -116,7 +158,8 @@ def fresh_head_checkpoint(path: Path, seed: int = 0) -> Path:
     bias zero), seeded. Written once, atomically; later calls return the existing copy.
     """
     path = Path(path)
-    out = path.with_name(f"{path.stem}_fresh_head_{seed}.safetensors")
+    out = Path(out_dir or path.parent) / f"{path.stem}_fresh_head_{seed}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
     if _readable(out):
         return out
     state = load_file(str(path))
@@ -142,6 +185,8 @@ def fresh_head_checkpoint(path: Path, seed: int = 0) -> Path:
 def _train(
     model: str,
     model_args: dict[str, Any],
+    data: str,
+    root: Path | None,
     epochs: int,
     seed: int,
     progress: Callable[[str], None],
@@ -154,11 +199,7 @@ def _train(
     size = int(config["input_size"][1])
     mean = torch.tensor(config["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(config["std"]).view(1, 3, 1, 1)
-    images, labels = digits_pretraining_set(size)
-    train_rows, held_rows = stratified_split(labels, HELD_OUT, np.random.default_rng(seed))
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S) uint8
-    y = torch.from_numpy(labels)
-    x_train, y_train = x[train_rows], y[train_rows]
+    x_train, y_train, x_held, y_held = _pretraining_tensors(data, size, root, seed)
 
     def normalise(batch: torch.Tensor) -> torch.Tensor:
         return (batch.float() / 255.0 - mean) / std
@@ -185,24 +226,41 @@ def _train(
             losses.append(loss.item())
         if (epoch + 1) % 5 == 0 or epoch + 1 == epochs:
             progress(
-                f"pre-training digits ViT: epoch {epoch + 1}/{epochs} loss {np.mean(losses):.3f}"
+                f"pre-training {data} ViT: epoch {epoch + 1}/{epochs} loss {np.mean(losses):.3f}"
             )
     vit.eval()
     with torch.no_grad():
         logits = torch.cat(
-            [vit(normalise(x[held_rows[i : i + 256]])) for i in range(0, len(held_rows), 256)]
+            [vit(normalise(x_held[i : i + 256])) for i in range(0, len(y_held), 256)]
         )
-    accuracy = float((logits.argmax(1) == y[held_rows]).float().mean())
+    accuracy = float((logits.argmax(1) == y_held).float().mean())
     state = {k: v.detach().contiguous() for k, v in vit.state_dict().items()}
     metadata = {
         "heldout_accuracy": f"{accuracy:.4f}",
-        "heldout_samples": str(len(held_rows)),
-        "train_samples": str(len(train_rows)),
+        "heldout_samples": str(len(y_held)),
+        "train_samples": str(len(y_train)),
         "epochs": str(epochs),
-        "classes": ",".join(str(d) for d in DIGITS_PRETRAINING),
+        "classes": "5,6,7,8,9",
         "train_seconds": f"{time.perf_counter() - start:.1f}",
     }
     return state, metadata
+
+
+def _pretraining_tensors(
+    data: str, size: int, root: Path | None, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train images, labels, held-out images, labels); images (N, 3, S, S) uint8. The held-out
+    images are the official test split where there is one, else a stratified 10%."""
+
+    def tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
+
+    if data == "digits":
+        images, labels = pretraining_set(data, size)
+        train, held = stratified_split(labels, HELD_OUT, np.random.default_rng(seed))
+        return (*tensors(images[train], labels[train]), *tensors(images[held], labels[held]))
+    train_set = pretraining_set(data, size, "train", root)
+    return (*tensors(*train_set), *tensors(*pretraining_set(data, size, "test", root)))
 
 
 def _shift(batch: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -231,6 +289,12 @@ def _cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def _untouched(path: Path) -> bool:
+    """A shipped file must hold the digest it shipped with (a cached one is trusted)."""
+    digest = SHIPPED_SHA256.get(path.name) if path.parent == SHIPPED else None
+    return digest is None or hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
 def _readable(path: Path) -> bool:
     """Whether `path` is a complete safetensors file (a torn or foreign file is rebuilt)."""
     if not path.is_file():
@@ -239,3 +303,61 @@ def _readable(path: Path) -> bool:
         return read_metadata(path).get("recipe") == RECIPE
     except Exception:  # safetensors raises several types for a damaged header
         return False
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--data",
+    type=click.Choice(sorted(MODEL_ARGS)),
+    default="fashion-mnist",
+    show_default=True,
+    help="Pre-train on this data set's classes 5-9 (the federation gets 0-4).",
+)
+@click.option("--root", type=click.Path(path_type=Path), help="Where the data set's files are.")
+@click.option("--epochs", type=int, help="Default: 12 (fashion-mnist) or 30 (digits).")
+@click.option(
+    "--model-arg",
+    "model_args",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override the default ViT's shape, e.g. depth=4 (repeatable).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=str(Path.home() / ".cache/sfprompt"),
+    show_default=True,
+    help="Folder to write the weights to (sim/weights/ to ship them with the package).",
+)
+def main(
+    data: str,
+    root: Path | None,
+    epochs: int | None,
+    model_args: tuple[str, ...],
+    seed: int,
+    out: Path,
+) -> None:
+    """Pre-train the simulator's small ViT on the classes 5-9 of a data set.
+
+    `sfprompt-sim` does this by itself when no shipped or cached file matches; run it on its
+    own to refresh the shipped backbone, e.g.
+
+    \b
+      sfprompt-pretrain --data fashion-mnist --out sim/weights
+      sha256sum sim/weights/*.safetensors
+    """
+    from sfprompt.export.model_loading import parse_model_args
+
+    args = {**MODEL_ARGS[data], **parse_model_args(model_args)}
+    path = pretrained_vit(out, data, model_args=args, epochs=epochs, seed=seed, root=root)
+    meta = read_metadata(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    click.echo(
+        f"{path}\n  held-out accuracy {meta['heldout_accuracy']} on {meta['heldout_samples']} "
+        f"images of classes {meta['classes']}, {meta['epochs']} epochs, sha256 {digest}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,7 @@ import numpy as np
 
 METHODS = (
     "sfprompt",
+    "sfprompt_global_prune",
     "sfprompt_no_prune",
     "sfprompt_no_local",
     "sfl",
@@ -20,6 +21,7 @@ METHODS = (
 )
 LABELS = {
     "sfprompt": "SFPrompt",
+    "sfprompt_global_prune": "SFPrompt, EL2N over all classes (paper)",
     "sfprompt_no_prune": "SFPrompt w/o pruning",
     "sfprompt_no_local": "SFPrompt w/o local loss",
     "sfl": "SFL",
@@ -27,7 +29,14 @@ LABELS = {
     "fl_full": "FL full fine-tuning",
     "fl_prompt": "FL prompt tuning",
 }
-SPLIT_METHODS = ("sfprompt", "sfprompt_no_prune", "sfprompt_no_local", "sfl", "sfl_linear")
+SPLIT_METHODS = (
+    "sfprompt",
+    "sfprompt_global_prune",
+    "sfprompt_no_prune",
+    "sfprompt_no_local",
+    "sfl",
+    "sfl_linear",
+)
 
 
 @dataclass

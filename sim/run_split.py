@@ -51,6 +51,7 @@ class SplitSettings:
     batch_size: int
     server_lr: float = 1.0
     fraction: float = 1.0
+    prune: str = "class"  # EL2N per class, or "global" (the paper's rule)
     seed: int = 0
     round_timeout_s: float = 600.0
 
@@ -61,6 +62,8 @@ def method_settings(method: str, base: SplitSettings) -> SplitSettings:
 
     if method == "sfprompt":
         return base
+    if method == "sfprompt_global_prune":
+        return replace(base, prune="global")
     if method == "sfprompt_no_prune":
         return replace(base, keep_ratio=1.0)
     if method == "sfprompt_no_local":
@@ -125,7 +128,8 @@ def _server(url, bundle, test, s: SplitSettings, devices: int, out: Path, logs: 
         "--bundle", str(bundle), "--broker", url, "--out", str(out / "server"),
         "--test-data", str(test), "--eval-samples", "100000",
         "--rounds", str(s.rounds), "--min-devices", str(devices), "--fraction", str(s.fraction),
-        "--keep-ratio", str(s.keep_ratio), "--local-epochs", str(s.local_epochs),
+        "--keep-ratio", str(s.keep_ratio), "--prune", s.prune,
+        "--local-epochs", str(s.local_epochs),
         "--local-lr", str(s.local_lr), "--split-lr", str(s.split_lr),
         "--batch-size", str(s.batch_size), "--server-lr", str(s.server_lr),
         "--seed", str(s.seed), "--round-timeout", str(s.round_timeout_s),

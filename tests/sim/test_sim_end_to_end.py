@@ -1,5 +1,6 @@
 """The README's main job, shortened: `sfprompt-sim` runs real processes for the split methods,
-the in-process baselines on the same shards, and writes the whole report."""
+the in-process baselines on the same shards, over two seeds in two partitions, the ceilings,
+and writes the whole report (CI's short multi-seed run)."""
 
 from __future__ import annotations
 
@@ -18,15 +19,18 @@ def test_sfprompt_sim_runs_the_default_comparison_and_reports(tmp_path: Path) ->
     out = tmp_path / "sim"
     proc = subprocess.run(
         [
-            str(BIN / "sfprompt-sim"), "--rounds", "2", "--clients", "2", "--pretrain-epochs", "1",
-            "--model-arg", "depth=3", "--cache", str(tmp_path / "cache"), "--out", str(out),
+            str(BIN / "sfprompt-sim"), "--data", "digits", "--rounds", "2", "--clients", "2",
+            "--pretrain-epochs", "1", "--model-arg", "depth=3", "--seeds", "2",
+            "--partitions", "iid,dirichlet:0.5", "--ceiling-epochs", "1",
+            "--cache", str(tmp_path / "cache"), "--out", str(out),
         ],
         capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = out / "report"
     for name in ("results.json", "metrics.csv", "summary.md", "accuracy.png",
-                 "accuracy_vs_bytes.png", "memory.png", "tsne.png"):  # fmt: skip
+                 "accuracy_vs_bytes.png", "memory.png", "tsne.png", "comparison.md",
+                 "comparison.json", "accuracy_bands.png"):  # fmt: skip
         assert (report / name).stat().st_size > 0, name
     results = {r["method"]: r for r in json.loads((report / "results.json").read_text())}
     assert set(results) == {"sfprompt", "sfl", "sfl_linear", "fl_full"}
@@ -41,3 +45,19 @@ def test_sfprompt_sim_runs_the_default_comparison_and_reports(tmp_path: Path) ->
     sfprompt_row = next(line for line in summary.splitlines() if line.startswith("| SFPrompt |"))
     assert "n/a" not in sfprompt_row  # ratios to SFL and to FL full are both reported
     assert "SFPrompt" in proc.stdout  # the summary table is printed
+    comparison = json.loads((report / "comparison.json").read_text())
+    runs = {(r["partition"], r["seed"]) for r in comparison["runs"]}
+    assert runs == {("iid", 0), ("iid", 1), ("dirichlet:0.5", 0), ("dirichlet:0.5", 1)}
+    assert {(r["partition"], r["method"]) for r in comparison["rows"]} == {
+        (p, m) for p in ("iid", "dirichlet:0.5") for m in results
+    }
+    for row in comparison["rows"]:
+        finals = [
+            next(m for m in run["results"] if m["method"] == row["method"])["rounds"][-1]
+            for run in comparison["runs"]
+            if run["partition"] == row["partition"]
+        ]
+        assert row["seeds"] == 2
+        assert row["final_mean"] == pytest.approx(sum(f["accuracy"] for f in finals) / 2)
+    assert [c["kind"] for c in comparison["ceilings"]] == ["linear_probe", "prompt_tail", "full"]
+    assert "mean ± std" in proc.stdout and "Centralised full fine-tuning" in proc.stdout
