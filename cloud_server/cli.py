@@ -16,6 +16,8 @@ import click
 
 from sfprompt.config_file import merge_config
 
+from .rounds import RoundConfig
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
@@ -216,8 +218,8 @@ def _logging(verbose: bool) -> None:
     show_default=True,
     help="Epochs of the local-loss phase (0 switches it off).",
 )
-@click.option("--local-lr", type=float, default=1e-4, show_default=True)
-@click.option("--split-lr", type=float, default=0.01, show_default=True)
+@click.option("--local-lr", type=float, default=RoundConfig.local_lr, show_default=True)
+@click.option("--split-lr", type=float, default=RoundConfig.split_lr, show_default=True)
 @click.option("--split-epochs", type=int, default=1, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option(
@@ -250,7 +252,6 @@ def serve(ctx: click.Context, config_file: Path | None, verbose: bool, **flags: 
     from sfprompt.protocol.errors import TransportError
 
     from .checkpoint import CheckpointError
-    from .rounds import RoundConfig
     from .server import ServeConfig
     from .server import serve as run_serve
 

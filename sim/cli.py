@@ -12,6 +12,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from sfprompt.cloud_server.rounds import RoundConfig
 from sfprompt.config_file import merge_config
 
 from .results import METHODS
@@ -54,7 +55,7 @@ def _csv(kind: type) -> click.ParamType:
 @click.option(
     "--max-train",
     type=int,
-    default=2500,
+    default=2000,
     show_default=True,
     help="Federate at most this many training images (a stratified subset; 0: all).",
 )
@@ -84,7 +85,7 @@ def _csv(kind: type) -> click.ParamType:
     show_default=True,
     help="Devices; several (5,10,20,50) run a clients-count sweep.",
 )
-@click.option("--rounds", type=int, default=8, show_default=True)
+@click.option("--rounds", type=int, default=6, show_default=True)
 @click.option(
     "--partitions",
     type=_csv(str),
@@ -117,7 +118,7 @@ def _csv(kind: type) -> click.ParamType:
 @click.option(
     "--methods",
     type=_csv(str),
-    default="sfprompt,sfl,sfl_linear,fl_full",
+    default="sfprompt,sfl_linear,fl_full",
     show_default=True,
     help=f"Any of: {', '.join(METHODS)}.",
 )
@@ -140,8 +141,20 @@ def _csv(kind: type) -> click.ParamType:
     "paper's rule; the sfprompt_global_prune method runs it beside).",
 )
 @click.option("--local-epochs", type=int, default=1, show_default=True)
-@click.option("--local-lr", type=float, default=0.01, show_default=True)
-@click.option("--split-lr", type=float, default=0.1, show_default=True)
+@click.option(
+    "--local-lr",
+    type=float,
+    default=RoundConfig.local_lr,
+    show_default=True,
+    help="Local-loss phase (the paper's 1e-4); the same default as sfprompt-cloud serve.",
+)
+@click.option(
+    "--split-lr",
+    type=float,
+    default=RoundConfig.split_lr,
+    show_default=True,
+    help="Split-training phase; the same default as sfprompt-cloud serve.",
+)
 @click.option(
     "--baseline-lr",
     type=float,

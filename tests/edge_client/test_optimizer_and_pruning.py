@@ -57,3 +57,16 @@ def test_keep_hardest_keeps_the_ceiling_of_the_ratio_of_highest_scores() -> None
     assert keep_hardest(scores, 0.01).tolist() == [1]  # never an empty round
     with pytest.raises(ValueError, match="keep_ratio"):
         keep_hardest(scores, 0.0)
+
+
+def test_keep_hardest_per_class_keeps_every_class() -> None:
+    """A biased classifier scores one class low as a whole: a global cut drops that class,
+    the per-class cut keeps the hardest ceil(ratio * n_c) of each."""
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    scores = np.array([0.9, 0.8, 0.95, 0.85, 0.1, 0.3, 0.2, 0.05, 0.7, 0.6])
+    assert set(labels[keep_hardest(scores, 0.5)]) == {0, 2}  # class 1 gone
+    kept = keep_hardest(scores, 0.5, labels)
+    assert kept.tolist() == [0, 2, 5, 6, 8]  # 2 of class 0, 2 of class 1, 1 of class 2
+    assert keep_hardest(scores, 1.0, labels).tolist() == list(range(10))
+    with pytest.raises(ValueError, match="labels"):
+        keep_hardest(scores, 0.5, labels[:3])

@@ -195,3 +195,13 @@ def test_error_for_names_the_problem() -> None:
     assert decode(encode(error)) == error
     internal = error_for(RuntimeError("boom"), "d1")
     assert internal.code == errors.INTERNAL and "boom" in internal.text
+
+
+def test_settings_name_an_unknown_prune_mode() -> None:
+    from sfprompt.protocol.messages import PhaseSettings
+
+    with pytest.raises(ProtocolError, match="settings.prune"):
+        PhaseSettings(
+            keep_ratio=0.5, local_epochs=1, local_lr=1e-4, split_lr=0.1, deadline=1.7e9,
+            prune="easiest",
+        )  # fmt: skip
