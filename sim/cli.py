@@ -146,7 +146,7 @@ def _csv(kind: type) -> click.ParamType:
     type=float,
     default=RoundConfig.local_lr,
     show_default=True,
-    help="Local-loss phase (the paper's 1e-4); the same default as sfprompt-cloud serve.",
+    help="Local-loss phase (the paper: 1e-4); the same default as sfprompt-cloud serve.",
 )
 @click.option(
     "--split-lr",
