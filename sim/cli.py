@@ -55,14 +55,14 @@ def _csv(kind: type) -> click.ParamType:
 @click.option(
     "--max-train",
     type=int,
-    default=2000,
+    default=1800,
     show_default=True,
     help="Federate at most this many training images (a stratified subset; 0: all).",
 )
 @click.option(
     "--max-test",
     type=int,
-    default=2000,
+    default=1800,
     show_default=True,
     help="Evaluate on at most this many test images (a stratified subset; 0: all).",
 )
@@ -85,7 +85,7 @@ def _csv(kind: type) -> click.ParamType:
     show_default=True,
     help="Devices; several (5,10,20,50) run a clients-count sweep.",
 )
-@click.option("--rounds", type=int, default=6, show_default=True)
+@click.option("--rounds", type=int, default=5, show_default=True)
 @click.option(
     "--partitions",
     type=_csv(str),

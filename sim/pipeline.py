@@ -35,7 +35,7 @@ class SimConfig:
     data: str = "fashion-mnist"  # or digits (seconds-long), a torchvision set, an ImageFolder
     root: Path | None = None  # where the data set's files live
     download: bool = False
-    max_train: int | None = 2000  # a seeded stratified subset (None: all)
+    max_train: int | None = 1800  # a seeded stratified subset (None: all)
     max_test: int | None = 2000
     model: str | None = None  # None: the small ViT pre-trained on classes 5-9 (shipped/cached)
     model_args: dict[str, Any] = field(default_factory=dict)
@@ -43,7 +43,7 @@ class SimConfig:
     checkpoint: Path | None = None  # local weights for --model
     pretrain_epochs: int | None = None  # None: the data set's default (sim/pretrain.py)
     clients: tuple[int, ...] = (5,)  # several: a clients-count sweep
-    rounds: int = 6
+    rounds: int = 5
     partitions: tuple[str, ...] = ("iid", "dirichlet")  # iid, dirichlet, dirichlet:ALPHA
     alpha: float = 0.1  # Dirichlet concentration over labels, as in the paper
     seeds: int = 3  # every method runs with seeds seed, seed + 1, ...
