@@ -62,7 +62,7 @@ def _csv(kind: type) -> click.ParamType:
 @click.option(
     "--max-test",
     type=int,
-    default=1800,
+    default=2000,
     show_default=True,
     help="Evaluate on at most this many test images (a stratified subset; 0: all).",
 )

@@ -32,7 +32,7 @@ an exact count; the defaults are typical values, within a few bytes.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -268,10 +268,16 @@ class RoundBytes:
         }
 
 
-def kept_samples(samples: int, keep_ratio: float) -> int:
-    """How many samples EL2N pruning keeps: ceil(gamma * n), at least one (the device's own
-    `keep_hardest`, which keeps everything at gamma = 1)."""
-    return len(keep_hardest(np.zeros(samples, np.float32), keep_ratio))
+def kept_samples(samples: int, keep_ratio: float, class_counts: Sequence[int] | None = None) -> int:
+    """How many samples EL2N pruning keeps, counted by the device's own `keep_hardest`:
+    ceil(gamma * n) over the whole set, or with `class_counts` (samples per class, summing to
+    `samples`; the default per-class rule) the sum of ceil(gamma * n_c), a few more."""
+    labels = None
+    if class_counts is not None:
+        if sum(class_counts) != samples:
+            raise ValueError(f"class counts {list(class_counts)} do not sum to {samples}")
+        labels = np.repeat(np.arange(len(class_counts)), class_counts)
+    return len(keep_hardest(np.zeros(samples, np.float32), keep_ratio, labels))
 
 
 def batch_sizes(samples: int, batch: int) -> list[int]:
@@ -401,13 +407,17 @@ class CommModel:
         round: int = 1,
         metrics: Mapping[str, float] | None = None,
         memory: Mapping[str, float] | None = None,
+        class_counts: Sequence[int] | None = None,
     ) -> RoundBytes:
-        """A device with `local_samples` images: split training on the ceil(gamma n) it keeps,
-        in batches of `settings.batch_size`, plus its TASK down and UPDATE up.
+        """A device with `local_samples` images: split training on the samples it keeps, in
+        batches of `settings.batch_size`, plus its TASK down and UPDATE up.
 
         `metrics` and `memory`: the UPDATE's maps, for an exact count (default: typical ones).
+        `class_counts`: its samples per class, for the per-class pruning rule (`settings.prune`
+        "class"); None counts ceil(gamma n), which equals it when every class divides evenly.
         """
-        kept = kept_samples(local_samples, settings.keep_ratio)
+        by_class = class_counts if settings.prune == "class" else None
+        kept = kept_samples(local_samples, settings.keep_ratio, by_class)
         up, down = self.split(
             kept, settings.batch_size, settings.encoding, device_id, round, settings.split_epochs
         )

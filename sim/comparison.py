@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from rich.console import Console
 from rich.table import Table
 
@@ -172,6 +173,7 @@ def plot_bands(runs: Sequence[SeedRun], ceilings: Sequence[Ceiling], path: Path)
                        linewidth=1, label=ceiling.label)  # fmt: skip
         ax.set_title(partition_label(partition))
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("test accuracy (%), mean ± std over seeds")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right center")

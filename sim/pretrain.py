@@ -98,9 +98,9 @@ def pretrained_vit(
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     args = dict(MODEL_ARGS.get(data, DEFAULT_MODEL_ARGS) if model_args is None else model_args)
     name = f"{data}_vit_{cache_key(model, args, epochs, seed, data)}.safetensors"
-    for path in (SHIPPED / name, Path(cache_dir) / name):
+    for where, path in (("shipped", SHIPPED / name), ("cached", Path(cache_dir) / name)):
         if _readable(path) and _untouched(path):
-            progress(f"pre-trained {data} ViT: {path}")
+            progress(f"pre-trained {data} ViT: {where} {path}")
             return path
     cache_dir = Path(cache_dir)
     path = cache_dir / name

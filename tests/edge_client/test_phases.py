@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -27,7 +29,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, small_export):
     return result, runtime, data
 
 
-def settings(**changes: float) -> PhaseSettings:
+def settings(**changes: float | str) -> PhaseSettings:
     base = dict(keep_ratio=0.3, local_epochs=1, local_lr=0.0, split_lr=0.0, deadline=1e11)
     return PhaseSettings(**{**base, **changes}, batch_size=8)  # type: ignore[arg-type]
 
@@ -45,24 +47,34 @@ def torch_el2n(result, data: LocalData) -> np.ndarray:
 
 
 @pytest.mark.parametrize("local_epochs", [1, 0])
-def test_kept_samples_are_exactly_the_highest_el2n(setup, local_epochs: int) -> None:
+@pytest.mark.parametrize("prune", ["global", "class"])
+def test_kept_samples_are_exactly_the_highest_el2n(setup, local_epochs: int, prune: str) -> None:
     """With lr 0 the training pass scores the data at fixed weights (and with no local epoch a
-    forward-only pass does): the kept set must be the top 30% of an independent computation."""
+    forward-only pass does): the kept set must be the top 30% of an independent computation,
+    of the whole set ("global", the paper's rule) or of each class ("class")."""
     result, runtime, data = setup
     params = runtime.initial_parameters()
     out = self_update(
         runtime,
         params,
         data,
-        settings(local_epochs=local_epochs),
+        settings(local_epochs=local_epochs, prune=prune),
         Sgd(0.0),
         np.random.default_rng(0),
     )
     reference = torch_el2n(result, data)
     np.testing.assert_allclose(out.scores, reference, rtol=1e-4, atol=1e-5)
-    expected = np.sort(np.argsort(-reference, kind="stable")[:12])  # ceil(0.3 * 40)
+    labels = data.images.labels
+    if prune == "global":
+        expected = np.sort(np.argsort(-reference, kind="stable")[:12])  # ceil(0.3 * 40)
+    else:
+        expected = np.sort(np.concatenate([
+            members[np.argsort(-reference[members], kind="stable")[: math.ceil(0.3 * len(members))]]
+            for members in (np.flatnonzero(labels == c) for c in np.unique(labels))
+        ]))  # fmt: skip
+        assert set(labels[out.kept]) == set(labels)  # every class keeps samples
     assert out.kept.tolist() == expected.tolist()
-    assert len(set(out.kept)) == 12
+    assert len(set(out.kept)) == len(expected) >= 12
 
 
 def test_self_update_trains_and_stops_when_asked(setup) -> None:

@@ -38,7 +38,8 @@ def test_three_devices_finish_rounds_against_the_real_server(bundle, broker, tmp
         "--bundle", str(bundle.server_dir), "--broker", broker.url, "--out", str(out),
         "--test-data", str(tmp_path / "data" / "test.npz"), "--rounds", "2",
         "--min-devices", "3", "--round-timeout", "120", "--batch-size", "16",
-        "--keep-ratio", "0.5", "--local-epochs", "1", "--local-lr", "0.01", "--split-lr", "0.05",
+        "--keep-ratio", "0.5", "--prune", "global",  # ceil(0.5 n): 24 of 48 (per class: more)
+        "--local-epochs", "1", "--local-lr", "0.01", "--split-lr", "0.05",
         log=tmp_path / "server.log",
     )  # fmt: skip
     devices = [

@@ -143,6 +143,7 @@ def test_task_and_update_are_the_messages_the_server_counts() -> None:
 
 def test_a_round_keeps_ceil_gamma_n_samples_in_batches_with_a_partial_last_one() -> None:
     assert kept_samples(37, 0.5) == 19 and kept_samples(1, 0.1) == 1 and kept_samples(5, 1.0) == 5
+    assert kept_samples(37, 0.5, [9, 9, 9, 10]) == 20  # per class: 5 + 5 + 5 + 5
     assert batch_sizes(19, 8) == [8, 8, 3] and batch_sizes(16, 8) == [8, 8]
     model = CommModel(small_manifest())
     settings = typical_settings(0.5, 8, "fp32")
@@ -270,13 +271,18 @@ def test_model_equals_the_bytes_a_real_federation_measures(small_export, tmp_pat
     model = CommModel(small_export.device, Link(broker_max_packet=broker_max_packet))
     h_bytes = model.wire.activation(Smashed, (8, *model.sfprompt_shapes.h), "int8", Stamp("d"))
     assert h_bytes > 2 * model.link.limit  # SMASHED did travel in chunks
-    for device_id, local in (("dev-0", 37), ("dev-1", 22)):
+    from tests.federation.harness import digits_images
+
+    labels = digits_images()[1]
+    for device_id, local, start in (("dev-0", 37, 0), ("dev-1", 22, 37)):
+        counts = np.bincount(labels[start : start + local]).tolist()
         stats = record["devices"][device_id]
-        assert stats["local_samples"] == local and stats["kept"] == kept_samples(local, 0.5)
+        assert stats["local_samples"] == local
+        assert stats["kept"] == kept_samples(local, 0.5, counts)  # the default per-class rule
         metrics, memory = update_maps(stats)
         assert set(metrics) == set(UPDATE_METRICS) and set(memory) == set(UPDATE_MEMORY)
         settings = observer.tasks[(device_id, 1)]
         assert (settings.encoding, settings.batch_size) == ("int8", 8)
-        rb = model.sfprompt_round(local, settings, device_id, 1, metrics, memory)
+        rb = model.sfprompt_round(local, settings, device_id, 1, metrics, memory, counts)
         measured = {k: int(stats[k]) for k in RoundBytes(0, 0, 0, 0).metrics()}
         assert rb.metrics() == measured, device_id

@@ -22,6 +22,7 @@ def test_sfprompt_sim_runs_the_default_comparison_and_reports(tmp_path: Path) ->
             str(BIN / "sfprompt-sim"), "--data", "digits", "--rounds", "2", "--clients", "2",
             "--pretrain-epochs", "1", "--model-arg", "depth=3", "--seeds", "2",
             "--partitions", "iid,dirichlet:0.5", "--ceiling-epochs", "1",
+            "--methods", "sfprompt,sfl,sfl_linear,fl_full",
             "--cache", str(tmp_path / "cache"), "--out", str(out),
         ],
         capture_output=True, text=True, timeout=1200,
