@@ -207,7 +207,7 @@ def main(ctx: click.Context, config_file: Path | None, **flags: Any) -> None:
 
     \b
     The offline default: Fashion-MNIST 0-4 on a ViT pre-trained on 5-9, IID and Dirichlet(0.1),
-    3 seeds (about 10 minutes on 2 cores):
+    3 seeds (about 11 minutes on 2 cores):
       sfprompt-sim
     The seconds-long setting of the tests:
       sfprompt-sim --data digits --seeds 1 --partitions iid --rounds 3 --no-ceilings
@@ -237,7 +237,10 @@ def main(ctx: click.Context, config_file: Path | None, **flags: Any) -> None:
     unknown = set(values["methods"]) - set(METHODS)
     if unknown:
         raise click.UsageError(f"unknown method(s) {', '.join(sorted(unknown))}")
-    cfg = SimConfig(**{f.name: values[f.name] for f in fields(SimConfig) if f.name in values})
+    try:
+        cfg = SimConfig(**{f.name: values[f.name] for f in fields(SimConfig) if f.name in values})
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
     _interrupt_on_signals()
     start = time.perf_counter()
     try:

@@ -69,6 +69,25 @@ class SimConfig:
     out: Path = Path("runs/sim")
     cache: Path = CACHE
 
+    def __post_init__(self) -> None:
+        """Refuse what would only fail after minutes of work."""
+        if self.seeds < 1 or self.rounds < 1:
+            raise ValueError(f"seeds and rounds must be >= 1, got {self.seeds}, {self.rounds}")
+        if not self.partitions:
+            raise ValueError("give at least one partition (iid, dirichlet or dirichlet:ALPHA)")
+        for spec in self.partitions:
+            kind, sep, value = spec.partition(":")
+            valid = spec == "iid" or (kind == "dirichlet" and (not sep or _positive(value)))
+            if not valid:
+                raise ValueError(f"unknown partition {spec!r}: iid, dirichlet or dirichlet:ALPHA")
+
+
+def _positive(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
 
 Progress = Callable[[str], None]
 

@@ -99,3 +99,12 @@ def test_each_ceiling_learns_a_task_its_parameters_can_learn(kind: str) -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(ValueError, match="unknown ceiling"):
         run_ceiling("probe", build, PREPROCESS, train, test, CUT, cfg)
+
+
+def test_the_simulator_refuses_a_bad_comparison_before_any_work() -> None:
+    from sfprompt.sim.pipeline import SimConfig
+
+    for bad in ({"seeds": 0}, {"partitions": ("dirichlet:x",)}, {"partitions": ()}):
+        with pytest.raises(ValueError):
+            SimConfig(**bad)
+    assert SimConfig(partitions=("iid", "dirichlet", "dirichlet:0.5")).seeds == 3
