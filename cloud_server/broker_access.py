@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,12 @@ def acl_file_text(topics: Topics, server_user: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_acl_file(path: Path, topics: Topics, server_user: str) -> None:
+    """Mode 0600, like the password file: Mosquitto 2.0.16 and later warn about a world-readable
+    acl_file (and say future versions will refuse it)."""
+    _write_private(path, acl_file_text(topics, server_user).encode())
+
+
 def mosquitto_password_hash(password: str, salt: bytes | None = None) -> str:
     """The `$7$` PBKDF2-SHA512 line format mosquitto 2 reads from its password_file."""
     salt, digest = _pbkdf2(password, salt)
@@ -148,16 +155,29 @@ def mosquitto_password_hash(password: str, salt: bytes | None = None) -> str:
 
 def write_password_file(path: Path, passwords: dict[str, str], use_tool: bool) -> None:
     """With `use_tool`, hashes come from `mosquitto_passwd` where it is installed. Users are
-    added to an existing file."""
+    added to an existing file, which keeps its owner and mode: root adds users (`--add`) to a
+    file that the broker, running as its own account, must still read on SIGHUP."""
+    before = path.stat() if path.exists() else None
     tool = shutil.which("mosquitto_passwd") if use_tool else None
     if tool is None:
         lines = [f"{user}:{mosquitto_password_hash(pw)}" for user, pw in passwords.items()]
-        old = path.read_bytes() if path.exists() else b""
+        old = path.read_bytes() if before else b""
         _write_private(path, old + ("\n".join(lines) + "\n").encode())
-        return
-    path.touch(mode=0o600)
-    for user, password in passwords.items():
-        subprocess.run([tool, "-b", str(path), user, password], check=True, capture_output=True)
+    else:
+        path.touch(mode=0o600)
+        for user, password in passwords.items():
+            command = [tool, "-b", str(path), user, password]
+            subprocess.run(command, check=True, capture_output=True)
+    if before is not None:
+        _restore_owner(path, before)
+
+
+def _restore_owner(path: Path, before: os.stat_result) -> None:
+    """Owner, group and mode as they were (mosquitto_passwd may rewrite the file as a new one)."""
+    now = path.stat()
+    if (now.st_uid, now.st_gid) != (before.st_uid, before.st_gid):
+        os.chown(path, before.st_uid, before.st_gid)
+    os.chmod(path, stat.S_IMODE(before.st_mode))
 
 
 def _pbkdf2(password: str, salt: bytes | None = None) -> tuple[bytes, bytes]:

@@ -98,8 +98,12 @@ def cert_pem(cert: Any) -> bytes:
 
 
 def write_pem(path: Path, data: bytes, private: bool = False) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    """Mode 0600 (private) or 0644, whatever the umask: the broker, once it has dropped root,
+    must read the certificates, and under root's umask 077 they would be 0600 root."""
+    mode = 0o600 if private else 0o644
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as handle:
+        os.fchmod(handle.fileno(), mode)
         handle.write(data)
 
 

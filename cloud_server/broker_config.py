@@ -17,10 +17,20 @@ the broadcasts and the server status; the server may use everything (`broker_acc
 `cryptography` comes with the `cloud` extra; the CLI imports this module only when the command
 runs. Devices need both their certificate and their password (defence in depth: a leaked password
 alone, or a copied certificate alone, is not enough). Keys are written mode 0600.
+
+Who owns what: `mosquitto -c mosquitto.conf` started as root reads the config, then switches to
+the account in its `user` line before it opens the server key, the access rules and data/. So
+that account owns those files (mode 0600, data/ 0700), and the folder itself, in which the
+dynamic-security plugin saves its JSON (it writes a new file and renames it over the old one).
+Run as root, broker-config hands them to `--run-as` (default `mosquitto`); run as anyone else,
+it writes `user <you>`, so a broker started as root runs as the files' owner. The CA key and
+clients/ stay private to whoever ran broker-config: the broker never needs them.
 """
 
 from __future__ import annotations
 
+import os
+import pwd
 import secrets
 import shutil
 import subprocess
@@ -44,7 +54,7 @@ class BrokerConfigOptions:
     bind: str = "0.0.0.0"
     hostnames: tuple[str, ...] = ("localhost", "127.0.0.1")  # names/IPs in the broker cert
     install_dir: Path | None = None  # where the folder will live on the broker host
-    run_as: str | None = None  # mosquitto's `user` option (the account it drops root to)
+    run_as: str | None = None  # mosquitto's `user`, the account it drops root to (broker_account)
     max_packet_size: int = 16 << 20  # clients chunk payloads to fit under it
     days: int = 825
     topics: Topics = field(default_factory=Topics)
@@ -61,16 +71,19 @@ class BrokerConfigFiles:
 
 
 def write_broker_config(options: BrokerConfigOptions, use_tool: bool = True) -> BrokerConfigFiles:
-    """Generate every file; raises ValueError for bad device ids, an existing non-empty folder,
-    or a dynamic-security plugin that cannot be found. `use_tool`: hash passwords for the
-    password file with `mosquitto_passwd` where installed."""
+    """Generate every file; raises ValueError, before writing anything, for bad device ids, an
+    existing non-empty folder, a dynamic-security plugin that cannot be found, or a broker
+    account that could not use the files (see `broker_account`). `use_tool`: hash passwords
+    for the password file with `mosquitto_passwd` where installed."""
     users = _check_users(options)
     plugin = _plugin_path(options)
     out = options.out
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty; choose a new folder (nothing is overwritten)")
-    (out / "certs").mkdir(parents=True)
-    (out / "data").mkdir()
+    account = broker_account(options)
+    if account.uid is not None and options.install_dir is None:
+        _check_reachable(account, out)
+    _make_folders(out)
     home = (options.install_dir or out).resolve()
     passwords = _write_certificates(options, users)
     if plugin is not None:
@@ -78,9 +91,129 @@ def write_broker_config(options: BrokerConfigOptions, use_tool: bool = True) -> 
     else:
         written, access_lines = _write_password_and_acl(options, home, passwords, use_tool)
     config_path = out / "mosquitto.conf"
-    config_path.write_text(_config_text(options, home, access_lines))
+    config_path.write_text(_config_text(options, home, account, access_lines))
+    if account.uid is not None:
+        _hand_over(out, account, options.access)
     client_dirs = {user: out / "clients" / user for user in users}
     return BrokerConfigFiles(config_path, written, out / "certs" / "ca.crt", client_dirs)
+
+
+def _make_folders(out: Path) -> None:
+    """The folder and new parents 0755 (the broker's account must pass through them, whatever
+    the umask), data/ and the folder 0700 (they go to that account), certs/ 0755 (it opens the
+    server certificate and key there), clients/ 0700 (keys for other machines)."""
+    for parent in reversed([*out.absolute().parents]):
+        if not parent.exists():
+            parent.mkdir()
+            parent.chmod(0o755)
+    for folder, mode in ((out, 0o700), (out / "certs", 0o755), (out / "data", 0o700)):
+        folder.mkdir(exist_ok=folder == out)
+        folder.chmod(mode)
+    (out / "clients").mkdir(mode=0o700)
+
+
+# ---- who owns what ---------------------------------------------------------------------------
+DEFAULT_RUN_AS = "mosquitto"  # mosquitto's own default, and the account its Debian package makes
+
+
+@dataclass(frozen=True)
+class BrokerAccount:
+    """The account mosquitto runs as once started as root (the conf's `user`); uid and gid are
+    set when this run hands the broker's files to it (only root can, and only to an account
+    that exists here)."""
+
+    name: str
+    uid: int | None = None
+    gid: int | None = None
+
+
+def broker_account(options: BrokerConfigOptions) -> BrokerAccount:
+    """`--run-as`, or by default `mosquitto` when run as root (or for another host,
+    `--install-dir`), else the user running this, who then owns every file. Raises ValueError
+    where the broker could not read its files: no such account here, or another account named
+    by a user who cannot give files away."""
+    root = os.geteuid() == 0
+    me = "root" if root else _my_name()
+    name = options.run_as or (DEFAULT_RUN_AS if root or options.install_dir else me)
+    entry = _account(name)
+    if entry is None and options.install_dir is None:
+        raise ValueError(
+            f"there is no account {name!r} here for mosquitto to run as: give --run-as USER "
+            "(installing mosquitto, e.g. `apt-get install mosquitto`, makes the account "
+            f"{DEFAULT_RUN_AS!r}), or --install-dir if the folder goes to another host"
+        )
+    if not root and name != me and options.install_dir is None:
+        raise ValueError(_only_root_message(name, me, options))
+    if not root or entry is None or entry.pw_uid == 0:
+        return BrokerAccount(name)
+    return BrokerAccount(name, entry.pw_uid, entry.pw_gid)
+
+
+def _only_root_message(name: str, me: str, options: BrokerConfigOptions) -> str:
+    """How to get a broker running as `name` when a normal user writes the files."""
+    chown = _chown_command(name, options.out.resolve(), options.access)
+    return (
+        f"--run-as {name}: only root can give the broker's files to another account. Run "
+        f"broker-config as root (sudo), or leave out --run-as: mosquitto started as root then "
+        f"runs as you ({me}), who own the files. Or write them as you and then, as root, run "
+        f"`{chown}` and change the line `user {me}` in mosquitto.conf to `user {name}`."
+    )
+
+
+def _my_name() -> str:
+    entry = _account(os.geteuid())
+    if entry is None:
+        raise ValueError(f"user id {os.geteuid()} has no account name for mosquitto's `user`")
+    return entry.pw_name
+
+
+def _account(who: str | int) -> pwd.struct_passwd | None:
+    try:
+        return pwd.getpwuid(who) if isinstance(who, int) else pwd.getpwnam(who)
+    except KeyError:
+        return None
+
+
+def _broker_owned(home: Path, access_mode: str) -> list[Path]:
+    """What the broker, after dropping root, reads or writes: the folder (the dynsec plugin
+    saves its JSON there through a new file), data/ (persistence), its key and access rules."""
+    rules = ["dynamic-security.json"] if access_mode == "dynsec" else ["passwd", "acl"]
+    return [home, home / "data", home / "certs" / "server.key", *(home / name for name in rules)]
+
+
+def _chown_command(name: str, home: Path, access_mode: str) -> str:
+    return " ".join(["chown", f"{name}:", *map(str, _broker_owned(home, access_mode))])
+
+
+def _hand_over(out: Path, account: BrokerAccount, access_mode: str) -> None:
+    """Give the broker's files to its account (their modes stay private: 0600, 0700)."""
+    assert account.uid is not None and account.gid is not None
+    for path in _broker_owned(out, access_mode):
+        os.chown(path, account.uid, account.gid)
+
+
+def _check_reachable(account: BrokerAccount, out: Path) -> None:
+    """mosquitto opens its files by absolute path after dropping root, so every folder above
+    them must let its account through: a 0700 home folder or pytest's temporary folders do
+    not. Checked before anything is written."""
+    assert account.uid is not None and account.gid is not None
+    groups = set(os.getgrouplist(account.name, account.gid))
+    for parent in out.resolve().parents:
+        if parent.exists() and not _may_enter(parent.stat(), account.uid, groups):
+            raise ValueError(
+                f"mosquitto, running as {account.name}, could not reach {out.resolve()}: "
+                f"{parent} is closed to it (mode {parent.stat().st_mode & 0o777:o}). Write the "
+                f"folder where it can (e.g. /etc/mosquitto/sfprompt), or open the way: "
+                f"chmod o+x {parent}"
+            )
+
+
+def _may_enter(info: os.stat_result, uid: int, groups: set[int]) -> bool:
+    if info.st_uid == uid:
+        return bool(info.st_mode & 0o100)
+    if info.st_gid in groups:
+        return bool(info.st_mode & 0o010)
+    return bool(info.st_mode & 0o001)
 
 
 def _write_dynsec(
@@ -100,7 +233,7 @@ def _write_password_and_acl(
     """passwd and acl, and the mosquitto.conf lines that name them."""
     passwd, acl = options.out / "passwd", options.out / "acl"
     access.write_password_file(passwd, passwords, use_tool)
-    acl.write_text(access.acl_file_text(options.topics, options.server_user))
+    access.write_acl_file(acl, options.topics, options.server_user)
     return (passwd, acl), [f"password_file {home / 'passwd'}", f"acl_file {home / 'acl'}"]
 
 
@@ -152,9 +285,11 @@ def _write_certificates(options: BrokerConfigOptions, users: list[str]) -> dict[
 
 
 def _write_client(out: Path, user: str, ca_key: Any, ca_cert: Any, days: int) -> str:
-    """clients/<user>/: certificate, key, the CA certificate and a fresh password (returned)."""
+    """clients/<user>/ (0700, the writer's: it is for another machine, not the broker):
+    certificate, key, the CA certificate and a fresh password (returned)."""
     folder = out / "clients" / user
-    folder.mkdir(parents=True)
+    folder.mkdir(mode=0o700)
+    folder.chmod(0o700)
     key, cert = make_leaf(user, ca_key, ca_cert, days, server=False, names=())
     write_pem(folder / "client.key", key_pem(key), private=True)
     write_pem(folder / "client.crt", cert_pem(cert))
@@ -177,7 +312,8 @@ class AddDevicesOptions:
 def add_devices(options: AddDevicesOptions, use_tool: bool = True) -> list[str]:
     """Certificates and passwords for more devices, and their access rules: with dynsec through
     `mosquitto_ctrl` on the running broker (the plugin owns its JSON file while it runs), with
-    acl-file appended to `passwd` (the broker rereads it on SIGHUP). Returns what was done."""
+    acl-file appended to `passwd` (the broker rereads it on SIGHUP; its owner is kept). New
+    clients/ folders are the writer's, like the first ones. Returns what was done."""
     folder = options.folder
     if not (folder / "certs" / "ca.key").is_file() or not (folder / "mosquitto.conf").is_file():
         raise ValueError(f"{folder} holds no broker set-up (certs/ca.key, mosquitto.conf)")
@@ -234,9 +370,15 @@ def _run_ctrl(ctrl: list[str], command: list[str], what: str) -> None:
         )
 
 
-def _config_text(options: BrokerConfigOptions, home: Path, access_lines: list[str]) -> str:
+def _config_text(
+    options: BrokerConfigOptions, home: Path, account: BrokerAccount, access_lines: list[str]
+) -> str:
     lines = [
         "# Generated by sfprompt-cloud broker-config; run with: mosquitto -c mosquitto.conf",
+        f"# Started as root, mosquitto switches to user {account.name}, which must own what it",
+        "# reads and writes (done if broker-config ran as root here; after copying, run there):",
+        f"#   {_chown_command(account.name, home, options.access)}",
+        f"user {account.name}",
         "per_listener_settings false",
         "allow_anonymous false",
         *access_lines,
@@ -253,6 +395,4 @@ def _config_text(options: BrokerConfigOptions, home: Path, access_lines: list[st
         "use_identity_as_username false",
         "tls_version tlsv1.2",
     ]
-    if options.run_as:
-        lines.insert(1, f"user {options.run_as}")
     return "\n".join(lines) + "\n"

@@ -6,7 +6,6 @@ Commands are added with `@main.command(...)`; `serve` and `worker` join `broker-
 from __future__ import annotations
 
 import functools
-import logging
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import click
 
 from sfprompt.config_file import merge_config
+from sfprompt.logging_setup import setup_logging
 
 from .rounds import RoundConfig
 
@@ -60,7 +60,17 @@ def _model_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--threads", type=int, help="CPU threads for the body."),
         click.option("--broker", help="mqtt[s]://host:port; default: start an embedded broker."),
         click.option("--username", help="Broker user name."),
-        click.option("--password", help="Broker password."),
+        click.option(
+            "--password",
+            envvar="SFPROMPT_BROKER_PASSWORD",
+            show_envvar=True,
+            help="Broker password; prefer --password-file or the variable (`ps` shows flags).",
+        ),
+        click.option(
+            "--password-file",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help="File whose first line is the broker password (clients/server/password).",
+        ),
         click.option("--tls-ca", help="CA certificate of the broker (switches TLS on)."),
         click.option("--tls-cert", help="Client certificate."),
         click.option("--tls-key", help="Client key."),
@@ -84,7 +94,8 @@ def _model_options(command: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Path(exists=True, path_type=Path),
             help="JSON or TOML file of these options (flags given here win).",
         ),
-        click.option("-v", "--verbose", is_flag=True, help="Log devices, rounds and refusals."),
+        click.option("-v", "--verbose", is_flag=True, help="Also log debugging details."),
+        click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors."),
     ]
     return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
 
@@ -110,27 +121,18 @@ def _split_config(values: dict[str, Any]) -> tuple[Any, Any, Any]:
         url=values.pop("broker"),
         username=values.pop("username"),
         password=values.pop("password"),
+        password_file=_path(values.pop("password_file")),
         tls_ca=values.pop("tls_ca"),
         tls_cert=values.pop("tls_cert"),
         tls_key=values.pop("tls_key"),
         embedded_port=values.pop("embedded_port", None),
+        listen=values.pop("listen", None),
     )
     return source, body, broker
 
 
 def _path(value: Any) -> Path | None:
     return None if value is None else Path(value)
-
-
-def _logging(verbose: bool) -> None:
-    from rich.console import Console
-    from rich.logging import RichHandler
-
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
-    )
 
 
 @main.command()
@@ -142,7 +144,16 @@ def _logging(verbose: bool) -> None:
     show_default=True,
     help="Checkpoint, metrics.jsonl and the embedded broker's files.",
 )
-@click.option("--embedded-port", type=int, help="Port of the embedded broker (default: free).")
+@click.option(
+    "--listen",
+    metavar="HOST:PORT",
+    help="Where the embedded broker listens: 0.0.0.0:1883 for devices on other machines "
+    "(anonymous: a trusted network only). Default: where it listened the last time OUT was "
+    "served, else 127.0.0.1 at a free port. A port already taken is refused.",
+)
+@click.option(
+    "--embedded-port", type=int, help="Port of the embedded broker on 127.0.0.1 (see --listen)."
+)
 @click.option(
     "--test-data",
     type=click.Path(exists=True, path_type=Path),
@@ -240,14 +251,24 @@ def _logging(verbose: bool) -> None:
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (e.g. in logs).")
 @click.pass_context
-def serve(ctx: click.Context, config_file: Path | None, verbose: bool, **flags: Any) -> None:
+def serve(
+    ctx: click.Context, config_file: Path | None, verbose: bool, quiet: bool, **flags: Any
+) -> None:
     """Run the federation: rounds of TASK -> device training -> UPDATE -> FedAvg -> evaluation.
 
     Holds the frozen body (CUDA when present) and answers every device's split-training
     requests, batching them across devices. After each round it writes
     OUT/checkpoint.safetensors and a line of OUT/metrics.jsonl; restarted with the same OUT it
-    resumes from the last completed round.
+    resumes from the last completed round, on the same broker address, and its devices join
+    again by themselves.
+
+    \b
+    Without --broker it runs its own Mosquitto (ending with it) and logs the URL devices
+    use, also written to OUT/broker_url. For devices on other machines:
+      sfprompt-cloud serve --bundle bundle/server --test-data test.npz --listen 0.0.0.0:1883
+      sfprompt-edge start ... --broker mqtt://<this host>:1883   (on each device)
     """
+    from sfprompt.protocol.broker import BrokerError
     from sfprompt.protocol.bundle import BundleError
     from sfprompt.protocol.errors import TransportError
 
@@ -255,7 +276,7 @@ def serve(ctx: click.Context, config_file: Path | None, verbose: bool, **flags: 
     from .server import ServeConfig
     from .server import serve as run_serve
 
-    _logging(verbose)
+    setup_logging(verbose, quiet)
     values = merge_config(ctx, flags, config_file)
     source, body, broker = _split_config(values)
     rounds = RoundConfig(
@@ -277,7 +298,14 @@ def serve(ctx: click.Context, config_file: Path | None, verbose: bool, **flags: 
     )
     try:
         history = run_serve(cfg)
-    except (BundleError, CheckpointError, TransportError, TimeoutError, ValueError) as exc:
+    except (
+        BrokerError,
+        BundleError,
+        CheckpointError,
+        TransportError,
+        TimeoutError,
+        ValueError,
+    ) as exc:
         raise click.ClickException(str(exc)) from exc
     if history:
         last = history[-1]
@@ -296,7 +324,9 @@ def serve(ctx: click.Context, config_file: Path | None, verbose: bool, **flags: 
     help="How many workers share the devices (serve --body-workers N).",
 )
 @click.pass_context
-def worker(ctx: click.Context, config_file: Path | None, verbose: bool, **flags: Any) -> None:
+def worker(
+    ctx: click.Context, config_file: Path | None, verbose: bool, quiet: bool, **flags: Any
+) -> None:
     """Serve only the body, to this worker's share of the devices (scale-out on a GPU fleet).
 
     \b
@@ -311,7 +341,7 @@ def worker(ctx: click.Context, config_file: Path | None, verbose: bool, **flags:
 
     from .server import WorkerConfig, run_worker
 
-    _logging(verbose)
+    setup_logging(verbose, quiet)
     values = merge_config(ctx, flags, config_file)
     source, body, broker = _split_config(values)
     if not 0 <= values["index"] < values["workers"]:
@@ -362,7 +392,11 @@ def worker(ctx: click.Context, config_file: Path | None, verbose: bool, **flags:
     help="Where the folder will live on the broker host, if not where it is written "
     "(mosquitto.conf names files by absolute path).",
 )
-@click.option("--run-as", help="Account mosquitto switches to when started as root.")
+@click.option(
+    "--run-as",
+    help="Account mosquitto switches to when started as root; it gets the files the broker "
+    "reads and writes. Default: mosquitto when run as root, else you (only root can name another).",
+)
 @click.option(
     "--max-packet-size",
     default=16 << 20,

@@ -233,6 +233,21 @@ class RoundInbox:
         with self._cond:
             return list(self._rejected)
 
+    def missing(self) -> list[tuple[str, str]]:
+        """(device, why) for every selected device whose update was not accepted."""
+        with self._cond:
+            refused = dict(self._rejected)
+            out = []
+            for device_id in sorted(self.selected - set(self._accepted)):
+                if device_id in refused and device_id in self._reported:
+                    why = f"update rejected: {refused[device_id]}"
+                elif device_id in self._dropped:
+                    why = "went offline"
+                else:
+                    why = "no update before the round's deadline"
+                out.append((device_id, why))
+            return out
+
     def _complete(self) -> bool:
         return self.selected - self._dropped <= self._reported
 

@@ -37,11 +37,13 @@ class RoundMetrics:
     params_before: str = ""  # fingerprints of the global weights, to check a resumed run
     params_after: str = ""
     eval_samples: int | None = None  # test images behind accuracy and loss; None: not evaluated
+    missing: list[tuple[str, str]] = field(default_factory=list)  # selected, not accepted: why
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (rejected pairs become two-item lists)."""
         out = asdict(self)
         out["rejected"] = [[device, reason] for device, reason in self.rejected]
+        out["missing"] = [[device, why] for device, why in self.missing]
         return out
 
     @classmethod
@@ -60,6 +62,7 @@ class RoundMetrics:
                 params_before=data.get("params_before", ""),
                 params_after=data.get("params_after", ""),
                 eval_samples=data.get("eval_samples"),
+                missing=[(device, why) for device, why in data.get("missing", [])],
             )
         except KeyError as error:
             raise ValueError(f"round metrics: field {error.args[0]!r} is missing") from None

@@ -172,6 +172,13 @@ class Coordinator:
         self._status("starting")  # devices that knew an earlier server instance join again
         self._status("waiting")
         while self.round < self.cfg.rounds and not stop.is_set():
+            if len(self.registry.online()) < self.cfg.min_devices:
+                log.info(
+                    "waiting up to %.0fs for %d device(s) to join (%d online)",
+                    self.cfg.wait_for_devices_s,
+                    self.cfg.min_devices,
+                    len(self.registry.online()),
+                )
             online = self.registry.wait_for(self.cfg.min_devices, self.cfg.wait_for_devices_s, stop)
             if stop.is_set():
                 break
@@ -222,7 +229,9 @@ class Coordinator:
             rejected=list(state.inbox.rejected),
             params_before=start_digest,
             params_after=params_digest(self.params),
+            missing=state.inbox.missing(),
         )
+        _log_round(metrics)
         self.history.append(metrics.to_dict())
         save_checkpoint(
             self.checkpoint_path,
@@ -281,8 +290,12 @@ class Coordinator:
                 ),
                 answers=msg.msg_id,
             )
+        known = self.registry.get(msg.device_id)
         self.registry.join(msg)
-        log.info("%s joined (%s)", msg.device_id, msg.hardware.get("machine", "?"))
+        if known is None:
+            log.info("%s joined (%s)", msg.device_id, msg.hardware.get("machine", "?"))
+        else:  # a JOIN resent (no reply seen) or after a reconnection: not news
+            log.debug("%s joined again", msg.device_id)
         return ServerStatus(
             device_id=msg.device_id,
             round=self.round,
@@ -348,3 +361,21 @@ class Coordinator:
         if state is not None and device_id in state.inbox.pending:
             state.inbox.drop(device_id)
             log.info("%s went offline during the round; not waiting for it", device_id)
+
+
+def _log_round(m: RoundMetrics) -> None:
+    """One line per round at INFO; a round without any update is a WARNING that says why."""
+    why = "; ".join(f"{device}: {reason}" for device, reason in m.missing)
+    acc = "" if m.accuracy is None else f", accuracy {m.accuracy:.4f}"
+    if not m.accepted:
+        log.warning("round %d: no update accepted, the model is unchanged (%s)", m.round, why)
+        return
+    log.info(
+        "round %d done in %.1fs: %d/%d updates%s%s",
+        m.round,
+        m.seconds,
+        len(m.accepted),
+        len(m.selected),
+        acc,
+        f" (missing {why})" if why else "",
+    )

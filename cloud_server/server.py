@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sfprompt.protocol.broker import EmbeddedBroker
-from sfprompt.protocol.client_config import ClientConfig, connection_config
+from sfprompt.protocol.broker import EmbeddedBroker, parse_listen
+from sfprompt.protocol.client_config import ClientConfig, connection_config, read_password
 from sfprompt.protocol.codec import encode, expectations_for
 from sfprompt.protocol.messages import BROADCAST, ServerStatus
 from sfprompt.protocol.mqtt_client import MqttClient
@@ -48,13 +48,15 @@ class BrokerSettings:
     tls_cert: str | None = None
     tls_key: str | None = None
     embedded_port: int | None = None  # the embedded broker's port (default: a free one)
+    listen: str | None = None  # the embedded broker's HOST:PORT (default: loopback, free port)
+    password_file: Path | None = None  # read the password from here (not visible in `ps`)
 
     def client_config(self, url: str, client_id: str, **options: object) -> ClientConfig:
         return connection_config(
             url,
             client_id,
             username=self.username,
-            password=self.password,
+            password=read_password(self.password, self.password_file),
             tls_ca=self.tls_ca,
             tls_cert=self.tls_cert,
             tls_key=self.tls_key,
@@ -129,15 +131,53 @@ class WorkerConfig:
 
 @contextmanager
 def broker_url(settings: BrokerSettings, out: Path) -> Iterator[str]:
-    """The broker to use: the given URL, or an embedded Mosquitto stopped on exit."""
+    """The broker to use: the given URL, or an embedded Mosquitto that ends with this process.
+
+    The embedded broker listens where `--listen` says; without it, where it listened the last
+    time this OUT was served (so a restarted server comes back on the same address and its
+    devices reconnect by themselves), else on loopback at a free port. Its URL is logged and
+    written to OUT/broker_url."""
     if settings.url is not None:
         yield settings.url
         return
-    with EmbeddedBroker(out / "broker", settings.embedded_port) as broker:
-        broker.start()
-        (out / "broker_url").write_text(broker.url + "\n")
-        log.info("embedded broker at %s", broker.url)
+    host, port = embedded_address(settings, out)
+    with EmbeddedBroker(out / "broker", port, host=host, die_with_parent=True) as broker:
+        (out / "broker").mkdir(parents=True, exist_ok=True)
+        (out / "broker" / "listen").write_text(f"{host} {broker.port}\n")
+        url = broker.public_url()
+        (out / "broker_url").write_text(url + "\n")
+        log.info(
+            "broker listening on %s:%d; devices connect with --broker %s", host, broker.port, url
+        )
+        if host in ("127.0.0.1", "::1", "localhost"):
+            log.info(
+                "loopback only: for devices on other machines serve with --listen 0.0.0.0:1883"
+            )
+        else:
+            log.warning(
+                "the embedded broker is anonymous: anyone who reaches %s:%d can join; for a "
+                "real deployment use `sfprompt-cloud broker-config` (TLS, passwords)",
+                host,
+                broker.port,
+            )
         yield broker.url
+
+
+def embedded_address(settings: BrokerSettings, out: Path) -> tuple[str, int | None]:
+    """(host, port) for the embedded broker: --listen, --embedded-port, the last run's, or
+    loopback at a free port."""
+    if settings.listen is not None:
+        return parse_listen(settings.listen)
+    if settings.embedded_port is not None:
+        return "127.0.0.1", settings.embedded_port
+    previous = out / "broker" / "listen"
+    if previous.exists():
+        try:
+            host, port = previous.read_text().split()
+            return host, int(port)
+        except ValueError:
+            log.warning("ignoring %s: not 'HOST PORT'", previous)
+    return "127.0.0.1", None
 
 
 def stop_on_signals() -> threading.Event:
@@ -155,13 +195,17 @@ def load_test_set(
     """The server-side test set, preprocessed once with the device's own transform.
 
     A set larger than `limit` is cut to a stratified subset seeded with `EVAL_SEED` (indices in
-    file order), never to its first images: test sets are often sorted by class.
+    file order), never to its first images: test sets are often sorted by class. Labels are
+    the bundle's, matched by class name (`align_classes`): a class folder the model does not
+    know is refused before the first round.
     """
+    from sfprompt.data.classes import align_classes
     from sfprompt.data.datasets import load_image_set
     from sfprompt.data.sampling import stratified_subset
     from sfprompt.data.transforms import EvalTransform
 
     images = load_image_set(path, split="test")
+    images = align_classes(images, model.manifest.classes, log.info)
     indices = np.arange(len(images), dtype=np.int64)
     if limit is not None:
         indices = stratified_subset(images.labels, limit, np.random.default_rng(EVAL_SEED))

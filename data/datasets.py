@@ -101,8 +101,9 @@ class ImageSet:
     def preprocessed(self, indices: np.ndarray, transform: EvalTransform) -> np.ndarray:
         """(len(indices), 3, H, W) float32 model input for the given images.
 
-        Array-backed sets use `transform.from_uint8` (native-size images are only normalised);
-        image files go through the full eval transform one by one.
+        Whatever holds them, the same pictures give the same input: image files go through the
+        eval transform one by one, arrays through `transform.from_uint8`, which is that
+        transform on the same pixels (only faster where it leaves them as they are).
         """
         rows = self._rows[self._check_indices(indices)]
         if isinstance(self._source, _ArraySource):
@@ -119,6 +120,13 @@ class ImageSet:
             self.classes,
             self.description,
         )
+
+    def relabelled(self, labels: np.ndarray, classes: Sequence[str]) -> ImageSet:
+        """The same images under other label numbers and class names (a bundle's, say)."""
+        labels = np.asarray(labels, np.int64)
+        if labels.shape != self.labels.shape:
+            raise DataError(f"{len(labels)} labels for {len(self)} images")
+        return ImageSet(self._source, self._rows, labels, classes, self.description)
 
     def _check_indices(self, indices: np.ndarray) -> np.ndarray:
         idx = np.asarray(indices)
@@ -213,6 +221,27 @@ def load_image_set(
     if len(found) == 0:
         raise DataError(f"no usable images in {path} (split {split!r})")
     return found
+
+
+def class_names(path: Path | str, split: str = "train") -> list[str]:
+    """The class names of the data set at `path`, in label order, as `load_image_set` gives
+    them; an ImageFolder's are its folder names, read without decoding a single image."""
+    path = Path(path)
+    if path.is_dir() and not _holds_arrays(path):
+        if split not in SPLITS:
+            raise DataError(f"split must be one of {SPLITS}, got {split!r}")
+        root = _split_dir(path, split)
+        classes = _folder_classes(root)
+        if not classes:
+            raise DataError(f"no data set found in {root}: no class folders, .npz, CIFAR or IDX")
+        return classes
+    return load_image_set(path, split=split).classes
+
+
+def _holds_arrays(path: Path) -> bool:
+    """Whether the folder `path` holds .npz, CIFAR or IDX files rather than class folders."""
+    has_npz = any(p.suffix == ".npz" for p in path.iterdir())
+    return has_npz or _cifar_dir(path) is not None or _idx_dir(path) is not None
 
 
 def _as_uint8(images: np.ndarray, where: str) -> np.ndarray:
@@ -340,7 +369,7 @@ def _split_dir(path: Path, split: str) -> Path:
 
 def _load_image_folder(root: Path, report: Callable[[str], None]) -> ImageSet:
     """torchvision's ImageFolder walk (classes and files sorted), each file checked by decoding."""
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    classes = _folder_classes(root)
     if not classes:
         raise DataError(
             f"no data set found in {root}: no .npz, CIFAR .bin or IDX files, or class folders"
@@ -370,6 +399,11 @@ def _load_image_folder(root: Path, report: Callable[[str], None]) -> ImageSet:
         classes,
         str(root),
     )
+
+
+def _folder_classes(root: Path) -> list[str]:
+    """torchvision's ImageFolder classes: the sub-folders, sorted, hidden ones left out."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
 def _image_problem(path: Path) -> str | None:

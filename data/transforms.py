@@ -112,9 +112,11 @@ class EvalTransform:
     def from_uint8(self, array: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) float32 from an (N, H, W, C) or (N, H, W) uint8 array (C = 1, 3 or 4).
 
-        Images already at the model's (H, W) are only scaled and normalised: native-size data
-        (CIFAR on a 32x32 model) is fed as it is, where timm's eval transform would enlarge it
-        by 1 / crop_pct and crop the centre. Other sizes go through Pillow like `__call__`.
+        Exactly what `batch` gives the same images as Pillow images, so that an .npz, CIFAR or
+        IDX file feeds the model what an ImageFolder of the same pictures does (a model-size
+        image too is enlarged by 1 / crop_pct and centre-cropped, as timm does). Where the
+        transform leaves the images' geometry as it is (model-size images and crop_pct 1.0),
+        Pillow is skipped and the pixels are only scaled and normalised.
         """
         array = np.asarray(array)
         if array.dtype != np.uint8 or array.ndim not in (3, 4):
@@ -123,7 +125,7 @@ class EvalTransform:
             )
         if array.ndim == 4 and array.shape[3] not in (1, 3, 4):
             raise DataError(f"from_uint8 needs 1, 3 or 4 channels, got shape {array.shape}")
-        if tuple(array.shape[1:3]) != self.size:
+        if not self.keeps_geometry(array.shape[1], array.shape[2]):
             return self.batch([to_pil(a) for a in array])
         if array.ndim == 3:
             array = array[..., None]
@@ -135,19 +137,29 @@ class EvalTransform:
         """The geometric part: an RGB image of the model's size."""
         if image.mode != "RGB":
             image = image.convert("RGB")
+        image = _resize(image, self.resize_size(image.height, image.width), self.interpolation)
+        fill: tuple[int, ...] = (0, 0, 0)
+        if self.crop_mode == "border":
+            fill = tuple(round(255 * v) for v in self.mean)
+        return _center_crop_or_pad(image, self.size, fill)
+
+    def resize_size(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) the resize step gives an image of this size, before the crop."""
         target_h, target_w = self.size
         scale = (math.floor(target_h / self.crop_pct), math.floor(target_w / self.crop_pct))
-        fill: tuple[int, ...] = (0, 0, 0)
         if self.crop_mode == "squash":
-            image = _resize(image, scale, self.interpolation)
-        elif self.crop_mode == "border":
-            image = _resize(image, _keep_ratio(image, scale, 1.0), self.interpolation)
-            fill = tuple(round(255 * v) for v in self.mean)
-        elif scale[0] == scale[1]:  # torchvision Resize(int): shorter side to `scale`
-            image = _resize(image, _shorter_side(image, scale[0]), self.interpolation)
-        else:
-            image = _resize(image, _keep_ratio(image, scale, 0.0), self.interpolation)
-        return _center_crop_or_pad(image, self.size, fill)
+            return scale
+        if self.crop_mode == "border":
+            return _keep_ratio(height, width, scale, 1.0)
+        if scale[0] == scale[1]:  # torchvision Resize(int): shorter side to `scale`
+            return _shorter_side(height, width, scale[0])
+        return _keep_ratio(height, width, scale, 0.0)
+
+    def keeps_geometry(self, height: int, width: int) -> bool:
+        """Whether `resize_crop` returns an image of this size unchanged (neither resized nor
+        cropped): it is the model's size and the resize target (crop_pct 1.0)."""
+        size = (int(height), int(width))
+        return size == self.size and self.resize_size(*size) == size
 
     def _normalise(self, pixels: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 -> (N, 3, H, W) float32, in ToTensor's and Normalize's order."""
@@ -165,17 +177,15 @@ def to_pil(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels)).convert("RGB")
 
 
-def _shorter_side(image: Image.Image, short: int) -> tuple[int, int]:
+def _shorter_side(h: int, w: int, short: int) -> tuple[int, int]:
     """torchvision `_compute_resized_output_size` for one size: the longer side truncated."""
-    w, h = image.size
     if w <= h:
         return int(short * h / w), short
     return short, int(short * w / h)
 
 
-def _keep_ratio(image: Image.Image, target: tuple[int, int], longest: float) -> tuple[int, int]:
+def _keep_ratio(h: int, w: int, target: tuple[int, int], longest: float) -> tuple[int, int]:
     """timm `ResizeKeepRatio.get_params` without the random parts: the (H, W) to resize to."""
-    w, h = image.size
     ratio_h = h / target[0]
     ratio_w = w / target[1]
     ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)

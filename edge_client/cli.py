@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 from pathlib import Path
@@ -10,10 +9,10 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
 
 from sfprompt.config_file import merge_config
+from sfprompt.logging_setup import setup_logging
 from sfprompt.protocol.bundle import BundleError
 
 from .runtime import RUNTIMES
@@ -30,10 +29,15 @@ def main() -> None:
     \b
     1. check the device can hold the bundle (and pick a micro-batch for 300 MB):
          sfprompt-edge profile --bundle bundle/device --batch 8 --memory-budget 300
-    2. join a federation and train round after round until stopped (SIGTERM/Ctrl-C):
+    2. join a federation and train round after round until stopped (SIGTERM/Ctrl-C),
+       with the folder `sfprompt-cloud broker-config` wrote for this device:
          sfprompt-edge start --bundle bundle/device --data ~/images \\
              --broker mqtts://broker.example:8883 --device-id pi-07 \\
-             --tls-ca ca.crt --tls-cert pi-07.crt --tls-key pi-07.key
+             --tls-ca pi-07/ca.crt --tls-cert pi-07/client.crt \\
+             --tls-key pi-07/client.key --password-file pi-07/password
+       or, on a server's embedded broker (`sfprompt-cloud serve --listen 0.0.0.0:1883`):
+         sfprompt-edge start --bundle bundle/device --data ~/images \\
+             --broker mqtt://server:1883 --device-id pi-07
     """
 
 
@@ -62,7 +66,18 @@ def main() -> None:
 @click.option("--tls-cert", help="This device's client certificate.")
 @click.option("--tls-key", help="This device's private key.")
 @click.option("--username", help="Broker user name (default: from the URL).")
-@click.option("--password", help="Broker password (default: from the URL).")
+@click.option(
+    "--password",
+    envvar="SFPROMPT_BROKER_PASSWORD",
+    show_envvar=True,
+    help="Broker password (default: from the URL); prefer --password-file or the variable, "
+    "which `ps` does not show.",
+)
+@click.option(
+    "--password-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="File whose first line is the password (broker-config writes clients/ID/password).",
+)
 @click.option(
     "--data-split",
     default="train",
@@ -106,18 +121,30 @@ def main() -> None:
     type=click.Path(exists=True, path_type=Path),
     help="JSON or TOML file of these options (flags given here win).",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Log every round's details.")
+@click.option("-v", "--verbose", is_flag=True, help="Also log debugging details.")
+@click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors.")
 @click.pass_context
-def start(ctx: click.Context, config_file: Path | None, verbose: bool, **flags: Any) -> None:
+def start(
+    ctx: click.Context, config_file: Path | None, verbose: bool, quiet: bool, **flags: Any
+) -> None:
     """Join a federation and serve round after round until stopped.
 
     Each round: train prompt + tail on the local loss and keep the hardest samples (EL2N),
     split-train them with the server, then upload prompt + tail. Stops cleanly on SIGTERM or
-    Ctrl-C; survives a lost broker (reconnects) and missed rounds (joins the next).
-    """
-    from .device import DeviceFailure, EdgeConfig, EdgeDevice
+    Ctrl-C; survives a lost broker (reconnects) and missed rounds (joins the next). It logs
+    when it connects, joins, starts and ends a round (kept samples, loss, bytes, peak memory),
+    and when the broker or the server goes and comes back.
 
-    _logging(verbose)
+    \b
+    Exit status: 0 left as asked (--max-rounds, --leave-when-server-stops, a signal);
+    1 cannot take part (bundle, data, the server refused the bundle); 2 bad usage;
+    3 the broker refused us for good (user or password, client id, TLS certificate,
+    unknown host): retrying cannot help, so it does not. A broker that is down or
+    unreachable for a while is retried with backoff, saying so each time.
+    """
+    from .device import BrokerRefused, DeviceFailure, EdgeConfig, EdgeDevice
+
+    setup_logging(verbose, quiet, console)
     values = merge_config(ctx, flags, config_file)
     for name in ("bundle", "data", "device_id"):
         if values.get(name) is None:
@@ -129,6 +156,8 @@ def start(ctx: click.Context, config_file: Path | None, verbose: bool, **flags: 
     try:
         device = EdgeDevice(EdgeConfig(**values), stop)
         rounds = device.run()
+    except BrokerRefused as exc:
+        raise _Refused(str(exc)) from exc
     except (BundleError, DeviceFailure, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     console.print(f"{values['device_id']}: left after {rounds} round(s)")
@@ -209,9 +238,5 @@ def profile(
         Console().print(f"wrote {out / 'profile.json'} and {out / 'memory_timeline.png'}")
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-    )
+class _Refused(click.ClickException):
+    exit_code = 3  # the broker refused us for good: see `start --help`

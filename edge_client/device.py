@@ -18,9 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
+from sfprompt.data.classes import align_classes
 from sfprompt.data.datasets import load_image_set
 from sfprompt.data.transforms import EvalTransform
-from sfprompt.protocol.client_config import Inbound, connection_config, presence_will
+from sfprompt.protocol.client_config import (
+    Inbound,
+    connection_config,
+    presence_will,
+    read_password,
+)
 from sfprompt.protocol.codec import expectations_for
 from sfprompt.protocol.errors import BUNDLE_MISMATCH, RemoteError, TransportError
 from sfprompt.protocol.messages import Error, Join, Message, Presence, ServerStatus, Task, Update
@@ -47,6 +53,7 @@ class EdgeConfig:
     runtime: str = "onnx"  # onnx (no PyTorch) or torchscript
     username: str | None = None
     password: str | None = None
+    password_file: Path | None = None  # or the password's file (clients/ID/password)
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -67,6 +74,10 @@ class DeviceFailure(RuntimeError):
     """The device cannot take part (e.g. its bundle does not fit the server's model)."""
 
 
+class BrokerRefused(DeviceFailure):
+    """The broker refused us for a reason retrying cannot heal (credentials, TLS, host)."""
+
+
 class EdgeDevice:
     def __init__(self, cfg: EdgeConfig, stop: threading.Event | None = None) -> None:
         self.cfg = cfg
@@ -76,12 +87,14 @@ class EdgeDevice:
         )
         self.manifest = self.runtime.manifest
         images = load_image_set(cfg.data, split=cfg.data_split, on_skip=log.warning)
+        images = align_classes(images, self.manifest.classes, log.info)  # labels by name
         self.data = LocalData(images, EvalTransform.from_config(self.manifest.preprocess))
         self.rng = np.random.default_rng([cfg.seed, _stable_int(cfg.device_id)])
         self.tasks: queue.Queue[Task] = queue.Queue()
         self.rejoin = threading.Event()
         self.server_done = threading.Event()
         self.rounds_done = 0
+        self.joins = 0
         self.client: MqttClient | None = None
 
     def _micro_batch(self) -> int | None:
@@ -103,7 +116,7 @@ class EdgeDevice:
                 cfg.broker,
                 cfg.device_id,
                 username=cfg.username,
-                password=cfg.password,
+                password=read_password(cfg.password, cfg.password_file),
                 tls_ca=cfg.tls_ca,
                 tls_cert=cfg.tls_cert,
                 tls_key=cfg.tls_key,
@@ -118,21 +131,29 @@ class EdgeDevice:
         return client
 
     def _announce(self, client: MqttClient) -> None:
+        """After every (re)connection: presence online; after a reconnection, JOIN again, as
+        the broker may be a new one of a restarted server that knows no devices yet (its
+        retained "starting" status was published before we were back)."""
         presence = Presence(device_id=self.cfg.device_id, online=True, since=time.time())
         topic = client.config.topics.presence(self.cfg.device_id)
         client.publish(topic, presence, retain=True, timeout=None)
+        if client.connects > 1 and self.joins:
+            self.rejoin.set()
 
     def connect(self) -> MqttClient:
-        """Connect, retrying with backoff until connected or stopped."""
+        """Connect, retrying transient failures with backoff until connected or stopped;
+        raises BrokerRefused for what retrying cannot heal (credentials, TLS, unknown host)."""
         delay = 1.0
         while not self.stop.is_set():
             client = self._new_client()
             try:
-                return client.connect(timeout=15.0)
+                client.connect(timeout=15.0)
+                log.info("%s connected to %s", self.cfg.device_id, self.cfg.broker)
+                return client
             except TransportError as exc:
-                log.warning(
-                    "broker %s not reachable (%s); retrying in %.0fs", self.cfg.broker, exc, delay
-                )
+                if exc.permanent:
+                    raise BrokerRefused(f"cannot use the broker {self.cfg.broker}: {exc}") from exc
+                log.warning("broker %s: %s; retrying in %.0fs", self.cfg.broker, exc, delay)
                 self.stop.wait(delay)
                 delay = min(delay * 2, 30.0)
         raise DeviceFailure("stopped before the broker could be reached")
@@ -141,6 +162,7 @@ class EdgeDevice:
         """JOIN until the server accepts; raises DeviceFailure if it refuses our bundle."""
         topics = client.config.topics
         delay = 1.0
+        started = time.monotonic()
         while not self.stop.is_set():
             join = Join(
                 device_id=self.cfg.device_id,
@@ -155,14 +177,22 @@ class EdgeDevice:
                     topics.down(self.cfg.device_id, "status"),
                     timeout=10.0,
                 )
-                log.info("%s joined", self.cfg.device_id)
+                again = " again" if self.joins else ""
+                self.joins += 1
+                log.info("%s joined the federation%s", self.cfg.device_id, again)
                 return
             except RemoteError as exc:
                 if getattr(exc.error, "code", "") == BUNDLE_MISMATCH:
                     raise DeviceFailure(str(exc)) from exc
                 log.warning("join refused: %s; retrying", exc)
             except TransportError:
-                log.info("no server answered the join yet; retrying in %.0fs", delay)
+                waited = time.monotonic() - started
+                hint = (
+                    f" for {waited:.0f}s: is a server using this broker ({self.cfg.broker})?"
+                    if waited > 30
+                    else " yet"
+                )
+                log.info("no server answered the join%s; retrying in %.0fs", hint, delay)
             self.stop.wait(delay)
             delay = min(delay * 2, 30.0)
 
@@ -178,10 +208,15 @@ class EdgeDevice:
     def _on_server_status(self, inbound: Inbound) -> Message | None:
         msg = inbound.message
         if isinstance(msg, ServerStatus):
-            if msg.state == "starting":
+            if msg.state == "starting" and self.joins:
+                log.info("the server (re)started; joining again")
                 self.rejoin.set()  # a (re)started server knows no devices yet
-            if msg.state == "finished" and self.cfg.leave_when_server_stops:
-                self.server_done.set()
+            if msg.state == "stopped" and self.joins:
+                log.warning("the server has stopped; waiting for it to come back")
+            if msg.state == "finished":
+                log.info("the server has finished its %d rounds", msg.round)
+                if self.cfg.leave_when_server_stops:
+                    self.server_done.set()
         return None
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -237,6 +272,13 @@ class EdgeDevice:
         def should_stop() -> bool:
             return self.stop.is_set() or not self.tasks.empty() or time.time() > settings.deadline
 
+        log.info(
+            "round %d started: %d local samples, keeping %.0f%% by EL2N",
+            task.round,
+            len(self.data),
+            100 * settings.keep_ratio,
+        )
+        started = time.monotonic()
         sent0, received0 = client.traffic.snapshot()
         link = SplitLink(
             client,
@@ -298,11 +340,17 @@ class EdgeDevice:
         packets = client.packets(update)
         client.publish_packets(client.config.topics.up(cfg.device_id, "update"), packets)
         log.info(
-            "round %d done: kept %d/%d, split loss %.4f",
+            "round %d done in %.1fs: kept %d/%d, local loss %.4f, split loss %.4f, "
+            "%.2f MB up / %.2f MB down, peak RSS %.0f MB",
             task.round,
+            time.monotonic() - started,
             len(local.kept),
             len(self.data),
+            local.loss,
             split.loss,
+            metrics.get("bytes_up_split", 0.0) / 1e6,
+            metrics.get("bytes_down_split", 0.0) / 1e6,
+            memory["peak_rss_mb"],
         )
         return update
 

@@ -24,6 +24,8 @@ from sfprompt.protocol.bundle import (
     GraphSpec,
     Manifest,
     TensorSpec,
+    class_names_problem,
+    default_class_names,
     load_manifest,
     write_manifest,
 )
@@ -44,6 +46,7 @@ class ExportConfig:
 
     model: str = "vit_tiny_patch16_224"
     num_classes: int = 10
+    classes: list[str] | None = None  # the name of each logit; None: "0".."num_classes-1"
     pretrained: bool = False
     checkpoint: Path | None = None
     model_args: dict[str, Any] = field(default_factory=dict)  # timm overrides, e.g. img_size
@@ -51,8 +54,17 @@ class ExportConfig:
     head_blocks: int = 1
     tail_blocks: int = 0
     batch: int = 8  # the device's planned batch; the graphs accept any batch size
-    seed: int = 0
+    seed: int = 0  # of the prompt and of every weight not pre-trained or loaded
     out: Path = Path("bundle")
+
+    def __post_init__(self) -> None:
+        """Fix the class names before minutes of export, not after: the devices match their
+        data to them by name, so there must be one unique name per logit."""
+        names = list(self.classes) if self.classes is not None else None
+        self.classes = names or default_class_names(self.num_classes)
+        problem = class_names_problem(self.classes, self.num_classes)
+        if problem:
+            raise ValueError(f"--classes: {problem} (--num-classes {self.num_classes})")
 
     @property
     def cut(self) -> Cut:
@@ -114,9 +126,22 @@ def graph_spec(onnx_path: Path, torchscript: str) -> GraphSpec:
     return GraphSpec(onnx_path.name, torchscript, _specs(graph.input), _specs(graph.output))
 
 
+def occupied_outputs(out: Path) -> list[Path]:
+    """`out/device` and `out/server` where they exist and hold something: writing a bundle
+    there deletes it, and a device may still hold a bundle exported there (the CLI asks first).
+    """
+    found = []
+    for path in (Path(out) / "device", Path(out) / "server"):
+        if path.is_symlink() or path.is_file() or (path.is_dir() and any(path.iterdir())):
+            found.append(path)
+    return found
+
+
 def _fresh_dir(path: Path) -> Path:
     path = Path(path)
-    if path.exists():
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)
     return path
@@ -132,6 +157,7 @@ def base_manifest(cfg: ExportConfig, split: SplitViT, role: str) -> dict[str, An
         model=cfg.model,
         model_args=dict(cfg.model_args),
         num_classes=cfg.num_classes,
+        classes=list(cfg.classes or default_class_names(cfg.num_classes)),
         prompts=cfg.prompts,
         head_blocks=cfg.head_blocks,
         tail_blocks=cfg.tail_blocks,
@@ -161,7 +187,9 @@ def export_bundle(cfg: ExportConfig, progress: Callable[[str], None] = print) ->
     Raises `ModelError` for a model or checkpoint that does not fit, ValueError for a bad cut.
     """
     progress(f"building {cfg.model}")
-    vit = create_vit(cfg.model, cfg.num_classes, cfg.pretrained, cfg.checkpoint, cfg.model_args)
+    vit = create_vit(
+        cfg.model, cfg.num_classes, cfg.pretrained, cfg.checkpoint, cfg.model_args, seed=cfg.seed
+    )
     return write_bundles(SplitViT.cut_model(vit, cfg.cut), cfg, progress)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -12,6 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from sfprompt.config_file import config_values
 from sfprompt.protocol.bundle import BundleError
 
 from .model_loading import ModelError, create_vit, parse_model_args
@@ -20,15 +20,25 @@ console = Console()
 
 
 def _config_file(path: Path | None) -> dict[str, Any]:
+    """The file's options by ExportConfig field, keys spelled like the flags or the fields and
+    values checked by the flags' types; `model_args` (a table of timm overrides, or a list of
+    KEY=VALUE) and `classes` (a list of names is fine there) are kept as written."""
+    from .bundle_writer import ExportConfig
+
     if path is None:
         return {}
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise click.ClickException(f"cannot read config {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise click.ClickException(f"config {path} must hold a JSON object")
-    return data
+    names = {f.name for f in fields(ExportConfig)}
+    ctx = click.get_current_context()
+    values = config_values(ctx, names, path, raw=("model_args", "classes"))
+    model_args = values.get("model_args")
+    if isinstance(model_args, (list, tuple)):
+        try:
+            values["model_args"] = parse_model_args([str(a) for a in model_args])
+        except ModelError as exc:
+            raise click.ClickException(f"{path}: {exc}") from exc
+    elif model_args is not None and not isinstance(model_args, dict):
+        raise click.ClickException(f"{path}: model_args must be a table of timm overrides")
+    return values
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,7 +67,18 @@ def main() -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="A local .safetensors or .pth state dict (read with weights_only=True).",
 )
-@click.option("--num-classes", type=int, help="Classes of the task being tuned.  [default: 10]")
+@click.option(
+    "--num-classes",
+    type=int,
+    help="Classes of the task being tuned.  [default: 10, or the count of --classes]",
+)
+@click.option(
+    "--classes",
+    metavar="FILE|DIR|a,b,c",
+    help="Class names in logit order: a file with one a line, a data folder (its ImageFolder "
+    "folders, CIFAR or .npz names) or a,b,c. Devices map their data to them by name.  "
+    "[default: 0..N-1]",
+)
 @click.option("--prompts", type=int, help="Learnable prompt tokens P.  [default: 10]")
 @click.option(
     "--head-blocks",
@@ -79,19 +100,28 @@ def main() -> None:
     metavar="KEY=VALUE",
     help="timm override, repeatable: --model-arg img_size=32 --model-arg depth=4.",
 )
-@click.option("--seed", type=int, help="Seed of the prompt initialisation.  [default: 0]")
+@click.option(
+    "--seed",
+    type=int,
+    help="Seed of the prompt and of any random weights (same seed, same bundle).  [default: 0]",
+)
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
     help="Output folder; gets device/ and server/.  [default: bundle]",
 )
 @click.option(
+    "--force", is_flag=True, help="Replace OUT/device and OUT/server if they hold a bundle."
+)
+@click.option(
     "--config",
     "config_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="JSON file with any of these options (snake_case); flags override it.",
+    help="JSON or TOML file with any of these options (keys like the flags); flags win.",
 )
-def bundle(config_file: Path | None, model_args: tuple[str, ...], **flags: Any) -> None:
+def bundle(
+    config_file: Path | None, model_args: tuple[str, ...], force: bool, **flags: Any
+) -> None:
     """Export a device bundle (ONNX + TorchScript) and a server bundle (body weights)."""
     from .bundle_writer import ExportConfig, export_bundle
 
@@ -107,7 +137,10 @@ def bundle(config_file: Path | None, model_args: tuple[str, ...], **flags: Any) 
         for key in ("checkpoint", "out"):
             if values.get(key) is not None:
                 values[key] = Path(values[key])
+        _resolve_classes(values)
         cfg = ExportConfig(**values)
+        _check_output(cfg.out, force)
+        _warn_if_random(cfg)
         start = time.perf_counter()
         with console.status("exporting") as status:
             result = export_bundle(cfg, progress=lambda msg: status.update(msg))
@@ -115,6 +148,43 @@ def bundle(config_file: Path | None, model_args: tuple[str, ...], **flags: Any) 
         raise click.ClickException(str(exc)) from exc
     elapsed = time.perf_counter() - start
     _print_bundle(result, elapsed)
+
+
+def _resolve_classes(values: dict[str, Any]) -> None:
+    """Read `--classes` (a string, or a list in a config file) into names; without
+    `--num-classes` their count is the number of classes."""
+    from sfprompt.data.classes import read_class_names
+
+    if isinstance(values.get("classes"), str):
+        values["classes"] = read_class_names(values["classes"])
+    if values.get("classes") is not None and values.get("num_classes") is None:
+        values["num_classes"] = len(values["classes"])
+
+
+def _check_output(out: Path, force: bool) -> None:
+    """Refuse to delete an earlier bundle unasked: devices may still hold it."""
+    from .bundle_writer import occupied_outputs
+
+    occupied = occupied_outputs(out)
+    if occupied and not force:
+        verb = "exists and is" if len(occupied) == 1 else "exist and are"
+        raise click.ClickException(
+            f"{' and '.join(map(str, occupied))} {verb} not empty; pass --force to replace "
+            "the bundle there (devices holding it then need the new one) or choose another --out"
+        )
+
+
+def _warn_if_random(cfg: Any) -> None:
+    """Say so when the bundle is not a real model: timm's random initialisation trains to
+    nothing useful, and nothing else in the output tells it apart from a pre-trained one."""
+    if cfg.pretrained or cfg.checkpoint is not None:
+        return
+    click.secho(
+        f"warning: random weights: {cfg.model} gets timm's random initialisation (seed "
+        f"{cfg.seed}), not a trained model; use --pretrained or --checkpoint FILE for a real model",
+        err=True,
+        fg="yellow",
+    )
 
 
 def _print_bundle(result: Any, elapsed: float) -> None:

@@ -6,9 +6,13 @@ Kept apart from the split so that loading foreign weights stays one pure step (a
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import os
+import socket
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -17,6 +21,16 @@ from timm.models.vision_transformer import VisionTransformer
 
 class ModelError(ValueError):
     """The model name, its arguments or a checkpoint do not give a usable ViT."""
+
+
+# How long to wait for the weights' host before calling it unreachable: huggingface_hub itself
+# retries a failed request five times with back-off, about 25 s per file and a minute in all.
+HUB_PROBE_TIMEOUT_S = 3.0
+OFFLINE_HINT = (
+    "without the network, pass --checkpoint FILE (a .safetensors or .pth state dict), or fill "
+    "the Hugging Face cache on a machine that has the network and set HF_HUB_OFFLINE=1"
+)
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
 def parse_model_args(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
@@ -47,11 +61,15 @@ def create_vit(
     pretrained: bool = False,
     checkpoint: Path | None = None,
     model_args: dict[str, Any] | None = None,
+    seed: int | None = None,
 ) -> VisionTransformer:
     """Create `name` from timm in eval mode with fused attention off (it has no ONNX backward).
 
-    Raises `ModelError` for an unknown name, a model that is not a plain ViT, or weights that
-    cannot be had; a checkpoint is loaded with `load_checkpoint` (strict keys and shapes).
+    With `seed`, the random initialisation (all weights without `pretrained` or `checkpoint`,
+    else a resized classifier) comes from that seed, so two identical exports are identical;
+    without it, from torch's global generator. Raises `ModelError` for an unknown name, a model
+    that is not a plain ViT, or weights that cannot be had (fast when the hub is unreachable);
+    a checkpoint is loaded with `load_checkpoint` (strict keys and shapes).
     """
     timm.layers.set_fused_attn(False)
     if name not in timm.list_models():
@@ -59,13 +77,23 @@ def create_vit(
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise ModelError(f"unknown timm model {name!r}{hint}")
     kwargs = dict(model_args or {})
+    download = pretrained and checkpoint is None
+    cached = offline_weights_file(name) if download else None
+    if cached is not None:  # keep any other overlay the caller gave (e.g. crop_pct)
+        kwargs["pretrained_cfg_overlay"] = {
+            **kwargs.get("pretrained_cfg_overlay", {}),
+            "file": cached,
+        }
     try:
-        model = timm.create_model(
-            name, pretrained=pretrained and checkpoint is None, num_classes=num_classes, **kwargs
-        )
+        with _seeded(seed):
+            model = timm.create_model(name, pretrained=download, num_classes=num_classes, **kwargs)
     except (RuntimeError, OSError, ValueError) as exc:
-        what = "download or load its pre-trained weights" if pretrained else "build it"
-        raise ModelError(f"could not {what} for {name!r}: {exc}") from exc
+        if download:
+            raise ModelError(
+                f"could not download or load the pre-trained weights of {name!r}: "
+                f"{str(exc).rstrip('.')}; {OFFLINE_HINT}"
+            ) from exc
+        raise ModelError(f"could not build {name!r}: {exc}") from exc
     if not isinstance(model, VisionTransformer):
         raise ModelError(f"{name!r} is a {type(model).__name__}, not a timm VisionTransformer")
     if getattr(model, "dynamic_img_size", False):
@@ -80,6 +108,75 @@ def create_vit(
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+@contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Draw from `seed` inside, leaving torch's global generator as it was (None: no change)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def offline_weights_file(name: str) -> str | None:
+    """Where timm should read `name`'s weights when their host is unreachable: the cached file
+    (timm would first retry the hub for about a minute), else a fast `ModelError` suggesting
+    --checkpoint. None when the host answers, when HF_HUB_OFFLINE is set or a proxy is
+    configured (timm then knows best), or when timm needs no network anyway.
+    """
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # a wrong tag: timm's own error says it best
+        return None
+    if cfg is None or cfg.file or cfg.state_dict is not None:
+        return None
+    import huggingface_hub
+
+    if cfg.hf_hub_id:
+        url, cached = huggingface_hub.constants.ENDPOINT, _hf_cached(cfg)
+    elif isinstance(cfg.url, str) and cfg.url:
+        url, cached = cfg.url, None
+        if (Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name).is_file():
+            return None  # timm reads torch's cache without asking the network
+    else:
+        return None
+    if huggingface_hub.constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in _PROXY_VARS):
+        return None
+    host = urlparse(url).hostname or ""
+    if reachable(host):
+        return None
+    if cached is not None:
+        return cached
+    raise ModelError(
+        f"cannot reach {host} to download the pre-trained weights of {name!r}, and they are "
+        f"not in the local cache; {OFFLINE_HINT}"
+    )
+
+
+def _hf_cached(cfg: Any) -> str | None:
+    """The locally cached weights file of a hub model, in timm's order of preference, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, _, revision = cfg.hf_hub_id.partition("@")
+    names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else []
+    names += ["model.safetensors", "pytorch_model.bin"]
+    for filename in names:
+        found = try_to_load_from_cache(repo, filename, revision=revision or None)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def reachable(host: str, port: int = 443, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to `host` opens within `timeout` (no DNS answer: at once)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -7,6 +7,8 @@ generated config, so one command is enough to try sfprompt; production runs a br
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import getpass
 import os
 import shutil
@@ -46,13 +48,49 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise BrokerError if `host:port` cannot be bound now (another broker, a stale one...).
+
+    Without this check a mosquitto that cannot bind exits while whatever already listens there
+    accepts our connections: the server would silently use somebody else's broker."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as mosquitto binds
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            taken = exc.errno == errno.EADDRINUSE
+            why = "is taken by another process (another broker?)" if taken else f"failed: {exc}"
+            raise BrokerError(
+                f"cannot listen on {host}:{port}: the address {why}; choose another --listen "
+                "address or port, or stop what holds it"
+            ) from None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM it when the process that started it dies, even
+    by SIGKILL, so a crashed server leaves no orphan broker holding its port."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the broker may outlive a crashed server
+        pass
+
+
 class BrokerProcess:
     """A mosquitto process started from a config file, up once all `ports` accept connections."""
 
-    def __init__(self, config_path: Path, ports: Sequence[int], host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        ports: Sequence[int],
+        host: str = "127.0.0.1",
+        die_with_parent: bool = False,
+    ) -> None:
         self.config_path = Path(config_path)
         self.ports = list(ports)
         self.host = host
+        self.die_with_parent = die_with_parent
         self.log_path = self.config_path.with_suffix(".log")
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -71,6 +109,7 @@ class BrokerProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         deadline = time.monotonic() + timeout
         pending = list(self.ports)
@@ -78,7 +117,7 @@ class BrokerProcess:
             if self._process.poll() is not None:
                 raise BrokerError(f"mosquitto exited at start:\n{self.log_tail()}")
             try:
-                with socket.create_connection((self.host, pending[0]), timeout=0.5):
+                with socket.create_connection((self._dial_host, pending[0]), timeout=0.5):
                     pending.pop(0)
             except OSError:
                 if time.monotonic() > deadline:
@@ -89,6 +128,11 @@ class BrokerProcess:
                     ) from None
                 time.sleep(0.05)
         return self
+
+    @property
+    def _dial_host(self) -> str:
+        """Where to check the listener: a wildcard address is reached on loopback."""
+        return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Graceful stop (SIGTERM): mosquitto saves its persistence file first."""
@@ -133,11 +177,13 @@ class BrokerProcess:
 
 
 class EmbeddedBroker(BrokerProcess):
-    """A loopback-only, anonymous Mosquitto with a generated config in `directory`.
+    """An anonymous Mosquitto with a generated config in `directory`, loopback only by default.
 
-    `persistence` keeps sessions and queued QoS 1 messages across restarts (saved every second
-    and on a graceful stop). `max_packet_size` caps MQTT packets; clients learn it from CONNACK
-    and chunk larger payloads.
+    `host` is the address it listens on (0.0.0.0: every interface, for devices on other
+    machines). `persistence` keeps sessions and queued QoS 1 messages across restarts (saved
+    every second and on a graceful stop). `max_packet_size` caps MQTT packets; clients learn it
+    from CONNACK and chunk larger payloads. With `die_with_parent` the broker ends with the
+    process that started it, even if that one is killed.
     """
 
     def __init__(
@@ -146,16 +192,18 @@ class EmbeddedBroker(BrokerProcess):
         port: int | None = None,
         persistence: bool = False,
         max_packet_size: int | None = None,
+        host: str = "127.0.0.1",
+        die_with_parent: bool = False,
     ) -> None:
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="sfprompt-broker-")
         folder = Path(directory or self._tmp.name)  # type: ignore[union-attr]
         folder.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
+        self.port = port or free_port(host if host not in ("0.0.0.0", "::") else "")
         lines = [
-            "# Generated by sfprompt: a private broker for one server, loopback only.",
+            "# Generated by sfprompt: a private, anonymous broker for one server.",
             "per_listener_settings false",
             "allow_anonymous true",
-            f"listener {self.port} 127.0.0.1",
+            f"listener {self.port} {host}",
             f"user {getpass.getuser()}",  # run as whoever started it (mosquitto drops root)
             "log_dest stderr",
             "log_type error",
@@ -171,11 +219,24 @@ class EmbeddedBroker(BrokerProcess):
             lines.append(f"max_packet_size {max_packet_size}")
         config_path = folder / "mosquitto.conf"
         config_path.write_text("\n".join(lines) + "\n")
-        super().__init__(config_path, [self.port])
+        super().__init__(config_path, [self.port], host, die_with_parent)
+
+    def start(self, timeout: float = 15.0) -> EmbeddedBroker:
+        """Refuse an address already taken, then start (see BrokerProcess.start)."""
+        if not self.running:
+            check_port_free(self.host, self.port)
+        super().start(timeout)
+        return self
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        """The URL to connect to it from this machine."""
+        return f"mqtt://{url_host(self._dial_host)}:{self.port}"
+
+    def public_url(self) -> str:
+        """The URL devices on other machines use: this host's name when listening everywhere."""
+        wildcard = self.host in ("0.0.0.0", "::", "")
+        return f"mqtt://{url_host(socket.gethostname() if wildcard else self.host)}:{self.port}"
 
     def close(self) -> None:
         """Stop and remove the generated folder if this object created it."""
@@ -191,3 +252,31 @@ class EmbeddedBroker(BrokerProcess):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def url_host(host: str) -> str:
+    """A host as it goes into a URL (IPv6 literals in brackets)."""
+    return f"[{host}]" if ":" in host else host
+
+
+def parse_listen(value: str) -> tuple[str, int | None]:
+    """`HOST:PORT`, `HOST`, `:PORT` (every interface) or `PORT` (loopback) -> (host, port or
+    None, a free one); raises ValueError."""
+    text = value.strip()
+    host, port = "127.0.0.1", None
+    if text.startswith("["):  # [::1]:1883
+        inside, _, rest = text[1:].partition("]")
+        host, text = inside, rest.lstrip(":")
+        port_text = text
+    elif text.count(":") == 1:
+        host_text, port_text = text.split(":")
+        host = host_text or "0.0.0.0"
+    elif text.isdigit():  # a bare port: still loopback only
+        port_text = text
+    else:
+        host, port_text = text, ""
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"--listen {value!r}: the port must be a number in 1-65535")
+        port = int(port_text)
+    return host, port

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,7 @@ class Manifest:
     opset: int
     tail_input: TailInput | None = None
     frozen_sha256: str = ""  # of the frozen head and body weights (SplitViT.frozen_fingerprint)
+    classes: list[str] = field(default_factory=list)  # name of each logit; [] -> "0".."n-1"
     graphs: dict[str, GraphSpec] = field(default_factory=dict)
     weights: dict[str, str] = field(default_factory=dict)  # role -> file name
     parameters: dict[str, TensorSpec] = field(default_factory=dict)  # trainable, by key
@@ -115,15 +117,28 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Name the classes "0".."n-1" when the export gave no names (manifests written before
+        the field existed load that way), and refuse names that cannot be matched one to one."""
+        names = list(self.classes) or default_class_names(self.num_classes)
+        object.__setattr__(self, "classes", names)
+        problem = class_names_problem(self.classes, self.num_classes)
+        if problem:
+            raise BundleError(f"manifest classes: {problem}")
+
     @property
     def tokens(self) -> int:
         """Sequence length of h and z: prefix tokens + prompts + patches."""
         return self.num_prefix_tokens + self.prompts + self.num_patches
 
     def contract_hash(self) -> str:
-        """What device and server bundles of one export share: the model, the cut and the
-        trainable parameters. A device whose hash differs cannot train with this server."""
+        """What device and server bundles of one export share: the model, the cut, the
+        trainable parameters and the class names. A device whose hash differs cannot train with
+        this server. Default names ("0".."n-1") are left out, so that bundles exported before
+        classes were named keep their hash (and the server its checkpoints)."""
         contract = {k: v for k, v in asdict(self).items() if k in _CONTRACT_FIELDS}
+        if self.classes != default_class_names(self.num_classes):
+            contract["classes"] = list(self.classes)
         return hashlib.sha256(json.dumps(contract, sort_keys=True).encode()).hexdigest()
 
     def to_json(self) -> str:
@@ -145,6 +160,23 @@ class Manifest:
             )
         except (TypeError, KeyError) as exc:
             raise BundleError(f"manifest does not match this sfprompt version: {exc}") from exc
+
+
+def default_class_names(num_classes: int) -> list[str]:
+    """The names of classes nobody named: their indices, "0".."n-1"."""
+    return [str(i) for i in range(num_classes)]
+
+
+def class_names_problem(classes: list[str], num_classes: int) -> str | None:
+    """Why `classes` cannot name `num_classes` logits one to one, or None."""
+    if len(classes) != num_classes:
+        return f"{len(classes)} names for {num_classes} classes"
+    if not all(isinstance(c, str) and c.strip() for c in classes):
+        return f"every class name must be a non-empty string, got {list(classes)}"
+    duplicates = sorted(name for name, n in Counter(classes).items() if n > 1)
+    if duplicates:
+        return f"class names must be unique; repeated: {duplicates}"
+    return None
 
 
 def _spec(d: dict[str, Any]) -> TensorSpec:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -71,6 +72,19 @@ def presence_will(device_id: str, topics: Topics | None = None) -> tuple[str, by
     """The Last Will of a device: its presence, offline, retained."""
     topic = (topics or Topics()).presence(device_id)
     return topic, encode(Presence(device_id=device_id, online=False))
+
+
+def read_password(password: str | None, password_file: str | Path | None) -> str | None:
+    """The password given, or the first line of `password_file` (as broker-config writes it
+    in clients/ID/password): a file keeps it out of `ps` and shell history."""
+    if password_file is None:
+        return password
+    if password is not None:
+        raise ValueError("give either a password or a password file, not both")
+    try:
+        return Path(password_file).read_text().splitlines()[0].strip()
+    except (OSError, IndexError) as exc:
+        raise ValueError(f"cannot read the password file {password_file}: {exc}") from None
 
 
 def connection_config(

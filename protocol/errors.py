@@ -55,10 +55,16 @@ class ProtocolError(ValueError):
 
 
 class TransportError(ConnectionError):
-    """The broker could not be reached, refused us, or did not answer in time."""
+    """The broker could not be reached, refused us, or did not answer in time.
 
-    def __init__(self, message: str, reason_code: int | None = None) -> None:
+    `permanent`: retrying with the same settings cannot help (unknown host, TLS refused, not
+    authorised), so a device should stop and say so rather than retry forever."""
+
+    def __init__(
+        self, message: str, reason_code: int | None = None, permanent: bool = False
+    ) -> None:
         self.reason_code = reason_code
+        self.permanent = permanent
         super().__init__(message)
 
 

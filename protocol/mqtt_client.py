@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -95,7 +97,10 @@ class MqttClient:
         self._reassembly_lock = threading.Lock()  # inline handlers reassemble on paho's thread
         self._network_thread: int | None = None
         self._connected = threading.Event()
+        self._connect_answered = threading.Event()  # connected, or refused for good
         self._connect_refused: TransportError | None = None
+        self._last_error = ""  # paho's last logged error, e.g. a TLS alert
+        self._closing = False
         self._acks_lock = threading.Lock()
         self._suback: dict[int, list[Any] | None] = {}
         self._suback_cv = threading.Condition(self._acks_lock)
@@ -122,25 +127,40 @@ class MqttClient:
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish
+        client.on_log = self._on_log
         return client
 
     def connect(self, timeout: float = 30.0) -> MqttClient:
-        """Connect (retrying with backoff until `timeout`); raises TransportError if refused."""
+        """Connect; raises TransportError, with `permanent` set for what retrying cannot heal
+        (unknown host, TLS refused, not authorised). A transient failure (nothing listening yet,
+        a timeout) is retried with backoff until `timeout`, then raised naming its cause."""
         cfg = self.config
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = cfg.session_expiry_s
-        self._client.connect_async(
-            cfg.host, cfg.port, cfg.keepalive_s, clean_start=False, properties=props
-        )
+        self._closing = False
+        try:  # the first attempt in this thread: its exception names the cause
+            self._client.connect(
+                cfg.host, cfg.port, cfg.keepalive_s, clean_start=False, properties=props
+            )
+        except OSError as exc:
+            failure = connect_failure(exc, cfg.host, cfg.port)
+            if failure.permanent:
+                raise failure from None
+            self._last_error = str(failure)
+            self._client.connect_async(
+                cfg.host, cfg.port, cfg.keepalive_s, clean_start=False, properties=props
+            )
         self._client.loop_start()
         if not self._dispatcher.is_alive():
             self._dispatcher.start()
         deadline = time.monotonic() + timeout
-        if not self._connected.wait(timeout) or self._connect_refused is not None:
+        if not self._connect_answered.wait(timeout) or self._connect_refused is not None:
             refused = self._connect_refused
             self.close(send_will=False)
+            last = f" (last error: {self._last_error})" if self._last_error else ""
             raise refused or TransportError(
-                f"no MQTT connection to {cfg.host}:{cfg.port} within {timeout}s"
+                f"no MQTT connection to {cfg.host}:{cfg.port} within {timeout}s{last}",
+                permanent=_is_tls_failure(self._last_error),
             )
         with self._acks_lock:  # handlers registered before connect: wait for their SUBACK
             mid = self._resubscribe_mid
@@ -164,6 +184,7 @@ class MqttClient:
 
     def close(self, send_will: bool = True) -> None:
         """Disconnect; with a Will configured and `send_will`, the broker publishes it (v5 0x04)."""
+        self._closing = True
         if send_will and self.config.will is not None:
             reason = paho.ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message")
             self._client.disconnect(reasoncode=reason)
@@ -174,15 +195,27 @@ class MqttClient:
         self._connected.clear()
 
     def _on_connect(self, client: Any, _u: Any, flags: Any, reason: Any, props: Any) -> None:
+        cfg = self.config
         if reason.is_failure:
-            self._connect_refused = TransportError(
-                f"broker refused the connection: {reason}", int(reason.value)
+            code = int(reason.value)
+            refused = TransportError(
+                f"the broker at {cfg.host}:{cfg.port} refused {cfg.client_id!r}"
+                f"{'' if cfg.username is None else f' (user {cfg.username!r})'}: {reason}"
+                f"{_REFUSAL_HINTS.get(code, '')}",
+                code,
+                permanent=code in _PERMANENT_REFUSALS,
             )
-            self._connected.set()  # wakes connect(), which raises
+            if self.connects == 0:
+                self._connect_refused = refused
+                self._connect_answered.set()  # wakes connect(), which raises
+            else:  # paho keeps retrying; say why each time
+                log.error("%s; retrying", refused)
             return
         self.max_packet_bytes = getattr(props, "MaximumPacketSize", None)
         self._network_thread = threading.get_ident()
         self.connects += 1
+        if self.connects > 1:
+            log.warning("broker at %s:%d is back", cfg.host, cfg.port)
         if self._subscriptions:
             # Even a resumed session may lack filters registered since; retained messages sent
             # again by the broker are dropped as duplicates.
@@ -193,6 +226,7 @@ class MqttClient:
                     self._resubscribe_mid = mid
                     self._suback[mid] = None
         self._connected.set()
+        self._connect_answered.set()
         for hook in self._connect_hooks:
             try:
                 hook()
@@ -206,8 +240,34 @@ class MqttClient:
         self._connect_hooks.append(hook)
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        was_connected = self._connected.is_set()
         self._connected.clear()
-        log.info("disconnected from broker: %s (reconnecting)", reason)
+        if self._closing:
+            log.debug("disconnected from the broker")
+        elif was_connected:
+            cfg = self.config
+            log.warning(
+                "lost the broker at %s:%d (%s); reconnecting with backoff up to %.0fs",
+                cfg.host,
+                cfg.port,
+                reason,
+                cfg.reconnect_max_s,
+            )
+
+    def _on_log(self, _c: Any, _u: Any, level: int, text: str) -> None:
+        """Keep paho's last error, the cause a connection timeout reports; a TLS alert before
+        the first connection (e.g. the broker requires a client certificate) ends connect()."""
+        if level != paho.MQTT_LOG_ERR or text.startswith("Client is not connected"):
+            return  # (that one follows every failed attempt and names no cause)
+        self._last_error = text
+        if self.connects == 0 and _is_tls_failure(text) and self._connect_refused is None:
+            cfg = self.config
+            self._connect_refused = TransportError(
+                f"TLS: the broker at {cfg.host}:{cfg.port} refused this client ({text}); "
+                "does it need a client certificate (--tls-cert, --tls-key)?",
+                permanent=True,
+            )
+            self._connect_answered.set()  # wakes connect(), which raises
 
     # ---- publishing --------------------------------------------------------------------------
     def packets(self, message: Message) -> list[bytes]:
@@ -534,6 +594,43 @@ class MqttClient:
         except ProtocolError as exc:
             self._refuse(raw, exc)
             raise
+
+
+# CONNACK reason codes that another attempt with the same settings cannot change.
+_PERMANENT_REFUSALS = frozenset({0x80, 0x82, 0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C, 0x90, 0x99})
+_REFUSAL_HINTS = {
+    0x85: " (the client id is not allowed: with broker-config it must be the device's user)",
+    0x86: " (check the user name and password: --username, --password-file)",
+    0x87: " (this user may not connect, or the client id is not its own)",
+    0x8A: " (the broker has banned this client)",
+}
+
+
+def connect_failure(exc: OSError, host: str, port: int) -> TransportError:
+    """A connection attempt's OSError as a TransportError that says what to check."""
+    where = f"{host}:{port}"
+    if isinstance(exc, socket.gaierror):
+        return TransportError(f"unknown broker host {host!r}: {exc.strerror}", permanent=True)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return TransportError(
+            f"TLS: the broker at {where} has a certificate that --tls-ca does not verify "
+            f"({exc.verify_message}); check the CA file and that the host name is in the "
+            "broker's certificate (broker-config --hostname)",
+            permanent=True,
+        )
+    if isinstance(exc, ssl.SSLError):
+        return TransportError(f"TLS with the broker at {where} failed: {exc}", permanent=True)
+    if isinstance(exc, ConnectionRefusedError):
+        return TransportError(f"nothing listens at {where} (connection refused)")
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return TransportError(f"no answer from {where} (timed out; a firewall?)")
+    return TransportError(f"cannot reach the broker at {where}: {exc}")
+
+
+def _is_tls_failure(text: str) -> bool:
+    """paho's log of a TLS alert the broker sent after the handshake (e.g. certificate required
+    under TLS 1.3), which no retry heals."""
+    return "SSL" in text or "certificate" in text.lower()
 
 
 def _device_of(message: Message) -> str:

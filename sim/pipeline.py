@@ -114,7 +114,7 @@ def run_simulation(cfg: SimConfig, say: Progress = print) -> SimOutcome:
     )
     say(f"data: {data.name}, {len(data.train_labels)} training and {len(data.test_labels)} "
         f"test images, {data.num_classes} classes")  # fmt: skip
-    bundles = export_bundles(cfg, model_name, model_args, checkpoint, data.num_classes, out, say)
+    bundles = export_bundles(cfg, model_name, model_args, checkpoint, data.classes, out, say)
     first = next(iter(bundles.values()))
     preprocess = first.device.preprocess
 
@@ -261,11 +261,16 @@ def export_bundles(
     model: str,
     model_args: dict[str, Any],
     checkpoint: Path | None,
-    num_classes: int,
+    classes: list[str],
     out: Path,
     say: Progress,
 ) -> dict[str, ExportResult]:
-    """The prompted bundle (SFPrompt and its ablations) and, for SFL+Linear, one without prompts."""
+    """The prompted bundle (SFPrompt and its ablations) and, for SFL+Linear, one without prompts.
+
+    The bundles name the data's classes, to which devices match their shards by name, and say
+    crop_pct 1.0: `load_sim_data` has already framed every image at the model's size, so the
+    eval transform must not enlarge and crop it again (the pre-training saw whole images too).
+    """
     wanted = {"prompt": cfg.prompts} if any(m.startswith("sfprompt") for m in cfg.methods) else {}
     if "sfl_linear" in cfg.methods or not wanted:
         wanted["linear"] = 0
@@ -274,10 +279,11 @@ def export_bundles(
         say(f"exporting the {name} bundle ({prompts} prompts)")
         export = ExportConfig(
             model=model,
-            num_classes=num_classes,
+            num_classes=len(classes),
+            classes=list(classes),
             pretrained=cfg.pretrained,
             checkpoint=checkpoint,
-            model_args=dict(model_args),
+            model_args=framed(model_args),
             prompts=prompts,
             head_blocks=cfg.head_blocks,
             tail_blocks=cfg.tail_blocks,
@@ -287,6 +293,13 @@ def export_bundles(
         )
         bundles[name] = export_bundle(export, progress=lambda _: None)
     return bundles
+
+
+def framed(model_args: dict[str, Any]) -> dict[str, Any]:
+    """`model_args` with timm's `pretrained_cfg_overlay` saying crop_pct 1.0, so a bundle's
+    preprocessing leaves images already at the model's size as they are."""
+    overlay = {**model_args.get("pretrained_cfg_overlay", {}), "crop_pct": 1.0}
+    return {**model_args, "pretrained_cfg_overlay": overlay}
 
 
 def split_features(method: str, bundle: ExportResult, run_dir: Path, data) -> Features:  # noqa: ANN001

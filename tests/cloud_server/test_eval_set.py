@@ -22,7 +22,8 @@ IDENTITY = SimpleNamespace(
             "mean": [0.0, 0.0, 0.0],
             "std": [1.0, 1.0, 1.0],
             "crop_pct": 1.0,
-        }
+        },
+        classes=["0", "1", "2"],
     )
 )
 

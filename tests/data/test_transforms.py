@@ -119,8 +119,10 @@ def test_batch_stacks_single_images(photos: list[Image.Image]) -> None:
 
 
 def test_from_uint8_at_model_size_only_normalises() -> None:
-    """Native-size arrays skip the resize: ToTensor + Normalize of the pixels as they are."""
-    t = EvalTransform.from_config(_manifest_config(SMALL_VIT))
+    """With crop_pct 1.0 model-size arrays are neither resized nor cropped: ToTensor +
+    Normalize of the pixels as they are."""
+    t = EvalTransform.from_config({**_manifest_config(SMALL_VIT), "crop_pct": 1.0})
+    assert t.keeps_geometry(32, 32)
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize(t.mean, t.std)])
@@ -128,6 +130,20 @@ def test_from_uint8_at_model_size_only_normalises() -> None:
     got = t.from_uint8(pixels)
     assert got.dtype == np.float32 and got.flags.c_contiguous
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("crop_pct", [0.9, 1.0])
+def test_from_uint8_at_model_size_is_the_transform_of_the_same_images(crop_pct: float) -> None:
+    """Model-size arrays get what the same pictures as files get: with crop_pct < 1 timm
+    enlarges them and crops the centre, so arrays do too (they used to be only normalised)."""
+    t = EvalTransform.from_config({**_manifest_config(SMALL_VIT), "crop_pct": crop_pct})
+    photo = load_sample_images().images[0]
+    pixels = np.stack([photo[i * 40 : i * 40 + 32, 100:132] for i in range(4)])
+    want = t.batch([Image.fromarray(p) for p in pixels])
+    np.testing.assert_array_equal(t.from_uint8(pixels), want)
+    np.testing.assert_array_equal(
+        t.from_uint8(pixels[..., 0]), t.batch([Image.fromarray(p[..., 0]) for p in pixels])
+    )
 
 
 def test_from_uint8_grey_and_rgba_become_rgb() -> None:

@@ -179,12 +179,17 @@ def test_missing_client_certificate_is_refused(secured: Secured) -> None:
 
 
 def test_cli_writes_config_and_turns_mistakes_into_messages(tmp_path: Path) -> None:
+    """--run-as the writer: as root the default (`mosquitto`) could not reach pytest's 0700
+    temporary folders, which test_broker_config_root.py covers."""
     runner = CliRunner()
+    me = ["--run-as", getpass.getuser()]
     result = runner.invoke(
-        main, ["broker-config", "--out", str(tmp_path / "a"), "--devices", "cam-1", "cam-2"]
+        main, ["broker-config", "--out", str(tmp_path / "a"), *me, "--devices", "cam-1", "cam-2"]
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "a" / "clients" / "cam-2" / "client.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "a" / "clients").stat().st_mode & 0o777 == 0o700
+    assert f"user {getpass.getuser()}\n" in (tmp_path / "a" / "mosquitto.conf").read_text()
     dynsec = json.loads((tmp_path / "a" / "dynamic-security.json").read_text())
     roles = {role["rolename"]: role["acls"] for role in dynsec["roles"]}
     sends = {acl["topic"] for acl in roles["device-cam-1"] if acl["acltype"] == "publishClientSend"}
@@ -193,12 +198,13 @@ def test_cli_writes_config_and_turns_mistakes_into_messages(tmp_path: Path) -> N
     assert dynsec["defaultACLAccess"]["subscribe"] is False
     assert "dynamic_security" in (tmp_path / "a" / "mosquitto.conf").read_text()
 
-    classic = ["--access", "acl-file", "--devices", "cam-1"]
+    classic = [*me, "--access", "acl-file", "--devices", "cam-1"]
     result = runner.invoke(main, ["broker-config", "--out", str(tmp_path / "c"), *classic])
     assert result.exit_code == 0, result.output
     acl = (tmp_path / "c" / "acl").read_text()
     assert "pattern write sfp/v1/dev/%u/up/#" in acl and "user server" in acl
     assert (tmp_path / "c" / "passwd").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "c" / "acl").stat().st_mode & 0o777 == 0o600
 
     bad = runner.invoke(main, ["broker-config", "--out", str(tmp_path / "b"), "--devices", "a/b"])
     assert bad.exit_code == 1 and "device id" in bad.output and "Traceback" not in bad.output
