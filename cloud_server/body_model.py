@@ -168,8 +168,8 @@ class ServerModel:
     def from_timm(cls, export: ExportConfig, config: BodyConfig = BodyConfig()) -> ServerModel:
         """Build the model the way the exporter does, without writing or reading a bundle.
 
-        With random weights (`pretrained=False`) the result equals the exporter's only when
-        torch's global generator is in the same state before each. Raises `ModelError`.
+        Random initialisation comes from `export.seed`, as the exporter's does, so both give
+        the same model. Raises `ModelError`.
         """
         vit = create_vit(
             export.model,
@@ -177,6 +177,7 @@ class ServerModel:
             export.pretrained,
             export.checkpoint,
             export.model_args,
+            seed=export.seed,
         )
         return cls.from_split(SplitViT.cut_model(vit, export.cut), export, config)
 

@@ -170,9 +170,21 @@ class MqttClient:
                     self.close(send_will=False)
                     raise TransportError(f"no SUBACK within {timeout}s")
                 codes = self._suback.pop(mid) or []
-                if any(code.is_failure for code in codes):
+                refused = [
+                    sub.filter
+                    for sub, code in zip(self._subscriptions, codes, strict=False)
+                    if code.is_failure
+                ]
+                if refused or any(code.is_failure for code in codes):
                     self.close(send_will=False)
-                    raise TransportError(f"broker refused a subscription: {codes}", 0x87)
+                    raise TransportError(
+                        f"the broker at {cfg.host}:{cfg.port} refused user "
+                        f"{cfg.username!r} (client id {cfg.client_id!r}) the topics "
+                        f"{', '.join(refused) or codes}: with broker-config the device id "
+                        "must be the device's broker user",
+                        0x87,
+                        permanent=True,
+                    )
         return self
 
     def wait_connected(self, timeout: float) -> bool:
@@ -337,7 +349,9 @@ class MqttClient:
                 refused = self._refused.pop(info.mid, None)
             if refused is not None:
                 raise TransportError(
-                    f"broker refused publish on {topic}: {refused}", int(refused.value)
+                    f"broker refused publish on {topic}: {refused}",
+                    int(refused.value),
+                    permanent=int(refused.value) in _PERMANENT_REFUSALS,
                 )
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, reason: Any, _p: Any) -> None:

@@ -97,8 +97,14 @@ def _unknown(path: Path, unknown: list[str], keys: dict[str, click.Parameter]) -
     return f"{path}: unknown option(s) {', '.join(hints)}; known: {', '.join(known)}"
 
 
+# Where a value beats the file from: typed flags, and variables such as SFPROMPT_BROKER_PASSWORD
+# (a secret is better kept in the environment than in a config file under version control).
+_TYPED = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
 def merge_config(ctx: click.Context, flags: dict[str, Any], path: Path | None) -> dict[str, Any]:
-    """Flags typed on the command line > the config file > the flags' defaults.
+    """Flags typed on the command line and environment variables > the config file > the
+    flags' defaults.
 
     `flags` are the command's keyword arguments by parameter name; the file may set any of
     them. Raises click.ClickException for an unknown key, a key given twice or a value its
@@ -108,7 +114,7 @@ def merge_config(ctx: click.Context, flags: dict[str, Any], path: Path | None) -
         return dict(flags)
     merged = dict(flags)
     for name, value in config_values(ctx, set(flags), path).items():
-        if ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
+        if ctx.get_parameter_source(name) not in _TYPED:
             merged[name] = value
     return merged
 

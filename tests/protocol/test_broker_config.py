@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,11 +172,33 @@ def test_wrong_password_is_refused(secured: Secured) -> None:
     with pytest.raises(TransportError) as info:
         _connect(secured, "cam-01", password="not-the-password")
     assert info.value.reason_code in (BAD_CREDENTIALS, NOT_AUTHORIZED)
+    assert info.value.permanent and "refused 'cam-01' (user 'cam-01')" in str(info.value)
 
 
 def test_missing_client_certificate_is_refused(secured: Secured) -> None:
-    with pytest.raises(TransportError):
-        _connect(secured, "cam-01", with_cert=False, timeout=3)
+    started = time.monotonic()
+    with pytest.raises(TransportError) as info:
+        _connect(secured, "cam-01", with_cert=False, timeout=10)
+    assert info.value.permanent and "client certificate" in str(info.value)
+    assert time.monotonic() - started < 8  # says so at once rather than at the timeout
+
+
+def test_a_device_id_other_than_its_user_is_refused_for_good(secured: Secured) -> None:
+    """cam-01's credentials with device id cam-02: its inbox is cam-02's, which the broker
+    refuses cam-01 (dynsec answers the SUBSCRIBE; acl-file silently grants it)."""
+    if secured.access != "dynsec":
+        pytest.skip("acl-file grants a forbidden SUBSCRIBE and delivers nothing")
+    folder = secured.files.config.parent / "clients" / "cam-01"
+    tls = TlsFiles(str(folder / "ca.crt"), str(folder / "client.crt"), str(folder / "client.key"))
+    config = ClientConfig(
+        "cam-02", "localhost", secured.port, username="cam-01",
+        password=(folder / "password").read_text().strip(), tls=tls,
+    )  # fmt: skip
+    client = MqttClient(config)
+    client.subscribe(T.device_inbox("cam-02"), lambda inbound: None)
+    with pytest.raises(TransportError) as info:
+        client.connect(10)
+    assert info.value.permanent and "must be the device's broker user" in str(info.value)
 
 
 def test_cli_writes_config_and_turns_mistakes_into_messages(tmp_path: Path) -> None:
