@@ -42,7 +42,8 @@ def align_classes(images: ImageSet, classes: Sequence[str], report: Report) -> I
     non-IID federation often lacks some). Raises `DataError` (a
     ValueError) for a class with images that the bundle does not know, or, for data that names
     no classes, a label past the bundle's last class. A bundle whose own names are only numbers
-    (exported without `--classes`) takes named data by index, as before, with a warning.
+    (exported without `--classes`) takes named data by position, with a warning, and only when
+    the data has exactly its number of classes (otherwise labels would shift: refused).
     """
     classes = list(classes)
     used = np.unique(images.labels)
@@ -50,6 +51,7 @@ def align_classes(images: ImageSet, classes: Sequence[str], report: Report) -> I
     unknown = [name for name in own if name not in classes]
     if is_numbered(images.classes) or (unknown and is_numbered(classes)):
         if unknown and not is_numbered(images.classes):
+            _check_same_count(images, classes)
             _log.warning(
                 "%s: the bundle names no classes, so %s are taken by position (label order); "
                 "export with --classes to have them matched by name",
@@ -89,6 +91,19 @@ def read_class_names(spec: str) -> list[str]:
     if not names or not all(names):
         raise DataError(f"--classes {spec!r} gives an empty class name or none at all")
     return names
+
+
+def _check_same_count(images: ImageSet, classes: list[str]) -> None:
+    """Named data on a bundle that names no classes is taken by position, which is right only
+    when the data has exactly the bundle's number of classes: one folder fewer or more shifts
+    every label after it."""
+    if len(images.classes) != len(classes):
+        raise DataError(
+            f"{images.description} has {len(images.classes)} classes ({_names(images.classes)}) "
+            f"and the bundle {len(classes)} with no names: taken by position, labels would "
+            "shift. Export the bundle with --classes (a names file, a data folder or a,b,c) "
+            "so that devices map their folders by name"
+        )
 
 
 def _by_index(images: ImageSet, classes: list[str]) -> ImageSet:

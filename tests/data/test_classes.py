@@ -133,8 +133,11 @@ def test_unnamed_bundle_takes_a_named_folder_by_position_with_a_warning(
     assert _labels_by_class(aligned, BUNDLE) == {"bird": {0}, "cat": {1}, "dog": {2}}
     assert "--classes" in caplog.text
     extra = _image_folder(tmp_path / "more", {"a": 1, "b": 1, "c": 1, "d": 1})
-    with pytest.raises(DataError, match="label 3, but the bundle has 3 classes"):
+    with pytest.raises(DataError, match="has 4 classes .* labels would shift"):
         align_classes(load_image_set(extra), ["0", "1", "2"], Reports())
+    fewer = _image_folder(tmp_path / "fewer", {"cat": 1, "dog": 1})  # no bird: all would shift
+    with pytest.raises(DataError, match="has 2 classes .* --classes"):
+        align_classes(load_image_set(fewer), ["0", "1", "2"], Reports())
 
 
 def test_npz_preprocess_equals_image_folder_preprocess(tmp_path: Path) -> None:
@@ -146,7 +149,9 @@ def test_npz_preprocess_equals_image_folder_preprocess(tmp_path: Path) -> None:
     np.savez(tmp_path / "same.npz", images=pixels, labels=folder.labels)
     arrays = load_image_set(tmp_path / "same.npz")
     rows = np.arange(len(folder))
-    np.testing.assert_array_equal(arrays.preprocessed(rows, MODEL), folder.preprocessed(rows, MODEL))
+    np.testing.assert_array_equal(
+        arrays.preprocessed(rows, MODEL), folder.preprocessed(rows, MODEL)
+    )
 
 
 def test_class_names_of_a_folder_are_read_without_decoding(tmp_path: Path) -> None:

@@ -38,7 +38,9 @@ PATCHES = (32 // 8) ** 2
 build = ModelSpec("vit_tiny_patch16_224", CLASSES, model_args=dict(TINY), seed=0)
 
 
-PREPROCESS = preprocess_config(build())
+# crop_pct 1.0, as the simulator's bundles say (sim/pipeline.py `framed`): its images are
+# already at the model's size, so the eval transform leaves them as they are.
+PREPROCESS = {**preprocess_config(build()), "crop_pct": 1.0}
 
 
 def digits_like(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
