@@ -137,7 +137,7 @@ def _check_entry(name: str, entry: object, limits: Limits) -> tuple[str, tuple[i
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise ProtocolError(MALFORMED, name, "{dtype, shape, data_offsets}", entry)
     dtype = entry["dtype"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # a list or dict is not even hashable
         raise ProtocolError(BAD_DTYPE, name, f"one of {sorted(DTYPES)}", dtype)
     shape, offsets = entry["shape"], entry["data_offsets"]
     if (
