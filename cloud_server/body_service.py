@@ -17,7 +17,7 @@ import numpy as np
 
 from sfprompt.protocol.client_config import Inbound
 from sfprompt.protocol.codec import error_for
-from sfprompt.protocol.errors import INTERNAL, UNKNOWN_STEP
+from sfprompt.protocol.errors import INTERNAL, NOT_FINITE, UNKNOWN_STEP
 from sfprompt.protocol.messages import BodyOut, Error, GradH, GradZ, Message, Smashed
 from sfprompt.protocol.mqtt_client import MqttClient
 
@@ -103,6 +103,13 @@ class BodyService:
         if exc is not None or tensor is None:
             log.warning("body call for %s step %d failed: %s", msg.device_id, msg.step, exc)
             reply = error_for(exc or RuntimeError("no result"), msg.device_id, msg.msg_id)
+        elif not np.isfinite(tensor).all():  # extreme but finite input (>= ~1e19) overflows
+            text = (
+                f"the body's {kind.kind} for step {msg.step} is not finite: the "
+                f"{'h' if kind is BodyOut else 'grad_z'} sent was too large"
+            )
+            log.warning("%s: %s", msg.device_id, text)
+            reply = _error(msg, NOT_FINITE, text)
         else:
             field = kind.tensor_field
             reply = kind(  # type: ignore[call-arg]

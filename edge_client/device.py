@@ -28,7 +28,14 @@ from sfprompt.protocol.client_config import (
     read_password,
 )
 from sfprompt.protocol.codec import expectations_for
-from sfprompt.protocol.errors import BUNDLE_MISMATCH, RemoteError, TransportError
+from sfprompt.protocol.errors import (
+    BUNDLE_MISMATCH,
+    CODES,
+    INTERNAL,
+    ProtocolError,
+    RemoteError,
+    TransportError,
+)
 from sfprompt.protocol.messages import Error, Join, Message, Presence, ServerStatus, Task, Update
 from sfprompt.protocol.mqtt_client import MqttClient
 
@@ -237,11 +244,30 @@ class EdgeDevice:
                     self.rounds_done += 1
                 except RoundAborted as exc:
                     log.info("round %d: %s", task.round, exc)
-                except (RemoteError, TransportError) as exc:
-                    log.warning("round %d given up: %s", task.round, exc)
+                except (RemoteError, TransportError, ProtocolError) as exc:
+                    # A refused, lost or bad reply (an ERROR, a timeout, NaN from a poisoned
+                    # model) fails this round only: the next TASK may be fine again.
+                    log.warning("round %d failed, waiting for the next: %s", task.round, exc)
+                    self._report_failure(client, task, exc)
         finally:
             client.close(send_will=True)
         return self.rounds_done
+
+    def _report_failure(self, client: MqttClient, task: Task, exc: Exception) -> None:
+        """Tell the server why this device has no update this round (best effort)."""
+        code = getattr(exc, "code", None) or getattr(getattr(exc, "error", None), "code", None)
+        error = Error(
+            device_id=self.cfg.device_id,
+            round=task.round,
+            code=code if code in CODES else INTERNAL,
+            text=f"round failed on the device: {exc}"[:500],
+        )
+        try:
+            client.publish(
+                client.config.topics.up(self.cfg.device_id, "error"), error, timeout=None
+            )
+        except (TransportError, ProtocolError) as failure:
+            log.debug("could not report the failed round: %s", failure)
 
     def _should_leave(self) -> bool:
         limit = self.cfg.max_rounds
