@@ -15,6 +15,12 @@ running while the other's waits) merge again into one batch: forwards queue up w
 backward runs. A backward also finishes a device's step, so the server holds its h no longer.
 Each request is checked on its own when it is queued, so a malformed one gets its error and
 the others still run.
+
+Bounded against floods: a request may hold at most `max_request` samples (refused `too_large`:
+one request of thousands of samples would hold the body for a minute), and the queue holds at
+most `max_queued_requests` requests and `max_queued_bytes` of tensors, of which one device may
+hold `max_queued_per_device` requests; beyond that `BatcherBusy` is raised at once, and the
+service answers ERROR `busy`, which the device sends again later.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from sfprompt.protocol.errors import TOO_LARGE, ProtocolError
+
 from .body_model import ServerModel
 
 log = logging.getLogger(__name__)
@@ -35,6 +43,10 @@ log = logging.getLogger(__name__)
 # done(result, None) with the request's own slice of the output, or done(None, error).
 Done = Callable[[np.ndarray | None, Exception | None], None]
 FORWARD, BACKWARD = "forward", "backward"
+
+
+class BatcherBusy(RuntimeError):
+    """The queue is full (in all, or this device's share of it): send the request later."""
 
 
 @dataclass(frozen=True)
@@ -62,29 +74,60 @@ class _Request:
     grad_z: np.ndarray | None
     done: Done
     arrived: float  # time.monotonic()
+    device_id: str = ""  # whose request: a device's share of the queue is bounded
     error: Exception | None = None  # set when the request does not fit the model
 
     @property
     def samples(self) -> int:
         return len(self.h) if self.error is None else 0
 
+    @property
+    def nbytes(self) -> int:
+        """The memory the queued request holds (what a malformed one holds is its problem)."""
+        return _nbytes(self.h) + _nbytes(self.grad_z)
+
 
 class BodyBatcher:
     """Queue body requests from any thread; one worker thread answers them in batches.
 
-    `max_batch` counts samples, not requests; a request larger than it runs alone. With
-    `max_batch` of one device's batch, or `max_wait_s=0`, every request runs on its own.
+    `max_batch` counts samples, not requests. With `max_batch` of one device's batch, or
+    `max_wait_s=0`, every request runs on its own. `max_request` (default `max_batch`) is the
+    most samples one request may hold.
     """
 
-    def __init__(self, model: ServerModel, max_batch: int = 64, max_wait_s: float = 0.005) -> None:
+    def __init__(
+        self,
+        model: ServerModel,
+        max_batch: int = 64,
+        max_wait_s: float = 0.005,
+        *,
+        max_request: int | None = None,
+        max_queued_requests: int = 1024,
+        max_queued_bytes: int = 1 << 30,
+        max_queued_per_device: int = 4,
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 sample, got {max_batch}")
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        for name, value in [
+            ("max_request", max_request or max_batch),
+            ("max_queued_requests", max_queued_requests),
+            ("max_queued_bytes", max_queued_bytes),
+            ("max_queued_per_device", max_queued_per_device),
+        ]:
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         self.model = model
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.max_request = max_request or max_batch
+        self.max_queued_requests = max_queued_requests
+        self.max_queued_bytes = max_queued_bytes
+        self.max_queued_per_device = max_queued_per_device
         self._queue: deque[_Request] = deque()
+        self._queued_bytes = 0
+        self._per_device: dict[str, int] = {}
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -114,7 +157,8 @@ class BodyBatcher:
             thread.join(timeout)
         with self._cond:
             left = list(self._queue)
-            self._queue.clear()
+            for request in left:
+                self._dequeue(request)
         for request in left:
             self._answer(request, None, RuntimeError("the body batcher stopped first"))
 
@@ -124,13 +168,17 @@ class BodyBatcher:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def forward(self, h: np.ndarray, done: Done) -> None:
-        """Queue z_sel = body_forward(h); `done` gets the (B, R', D) result or the error."""
-        self._put(_Request(FORWARD, h, None, done, time.monotonic()))
+    def forward(self, h: np.ndarray, done: Done, device_id: str = "") -> None:
+        """Queue z_sel = body_forward(h); `done` gets the (B, R', D) result or the error.
 
-    def backward(self, h: np.ndarray, grad_z: np.ndarray, done: Done) -> None:
-        """Queue dL/dh = body_vjp(h, grad_z); `done` gets the (B, T, D) result or the error."""
-        self._put(_Request(BACKWARD, h, grad_z, done, time.monotonic()))
+        Raises ProtocolError (too_large) for more than `max_request` samples and BatcherBusy
+        while the queue is full; `done` is then never called."""
+        self._put(_Request(FORWARD, h, None, done, time.monotonic(), device_id))
+
+    def backward(self, h: np.ndarray, grad_z: np.ndarray, done: Done, device_id: str = "") -> None:
+        """Queue dL/dh = body_vjp(h, grad_z); `done` gets the (B, T, D) result or the error.
+        Raises as `forward` does."""
+        self._put(_Request(BACKWARD, h, grad_z, done, time.monotonic(), device_id))
 
     @property
     def stats(self) -> BatchStats:
@@ -143,13 +191,58 @@ class BodyBatcher:
         with self._cond:
             return len(self._queue)
 
+    @property
+    def queued_bytes(self) -> int:
+        """Tensor bytes the queued requests hold."""
+        with self._cond:
+            return self._queued_bytes
+
     def _put(self, request: _Request) -> None:
         request.error = self._check(request)
+        if request.samples > self.max_request:
+            raise ProtocolError(
+                TOO_LARGE,
+                "h",
+                f"at most {self.max_request} samples per request (the server's --max-batch)",
+                f"{request.samples} samples",
+            )
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the body batcher is stopped and takes no more requests")
+            self._admit(request)
             self._queue.append(request)
+            self._queued_bytes += request.nbytes
+            owner = request.device_id
+            self._per_device[owner] = self._per_device.get(owner, 0) + 1
             self._cond.notify_all()
+
+    def _admit(self, request: _Request) -> None:
+        """Raise BatcherBusy unless the queue has room for `request` (caller holds the lock)."""
+        owner = request.device_id
+        held = self._per_device.get(owner, 0)
+        if owner and held >= self.max_queued_per_device:
+            raise BatcherBusy(
+                f"body busy: {owner} has {held} requests queued, the most one device may; "
+                "send again later"
+            )
+        if len(self._queue) >= self.max_queued_requests:
+            raise BatcherBusy(
+                f"body busy: {len(self._queue)} requests queued, the most allowed; send again later"
+            )
+        if self._queued_bytes + request.nbytes > self.max_queued_bytes:
+            raise BatcherBusy(
+                f"body busy: {self._queued_bytes} bytes queued, {request.nbytes} more would pass "
+                f"the {self.max_queued_bytes} bytes allowed; send again later"
+            )
+
+    def _dequeue(self, request: _Request) -> None:
+        """Take `request` off the queue and its counts (caller holds the lock)."""
+        self._queue.remove(request)
+        self._queued_bytes -= request.nbytes
+        owner = request.device_id
+        self._per_device[owner] -= 1
+        if not self._per_device[owner]:
+            del self._per_device[owner]
 
     # ------------------------------------------------------------------- the worker thread
 
@@ -187,13 +280,15 @@ class BodyBatcher:
                 bad = [r for r in self._queue if r.error is not None]
                 if bad:
                     for request in bad:
-                        self._queue.remove(request)
+                        self._dequeue(request)
                     return bad
                 if not self._queue:
                     self._cond.wait()
                     continue
                 if self.max_wait_s == 0:
-                    return [self._queue.popleft()]
+                    first = self._queue[0]
+                    self._dequeue(first)
+                    return [first]
                 queued = {FORWARD: 0, BACKWARD: 0}
                 for request in self._queue:
                     queued[request.kind] += request.samples
@@ -212,7 +307,7 @@ class BodyBatcher:
                 batch.append(request)
                 samples += request.samples
             for request in batch:
-                self._queue.remove(request)
+                self._dequeue(request)
             return batch
 
     def _execute(self, batch: list[_Request]) -> None:
@@ -267,3 +362,7 @@ class BodyBatcher:
             request.done(result, error)
         except Exception:  # a caller's bug must not stop the body for every other device
             log.exception("the callback of a body %s request raised", request.kind)
+
+
+def _nbytes(array: object) -> int:
+    return int(getattr(array, "nbytes", 0) or 0)

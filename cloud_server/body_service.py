@@ -5,23 +5,28 @@ client's network thread (no hop to its dispatcher); replies go out from the batc
 the (cross-device) body call is done, so MQTT traffic never waits on the body. The coordinator's
 server and every `sfprompt-cloud worker` run this same service; with several workers each serves
 the devices `owns` assigns it (see docs/cloud_server.md).
+
+What a device cannot have now (the batcher's queue or the split state is full) is answered with
+ERROR `busy` and nothing of the request is kept; the device sends it again later. A request over
+the batcher's `max_request` samples is answered `too_large`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
 
 from sfprompt.protocol.client_config import Inbound
 from sfprompt.protocol.codec import error_for
-from sfprompt.protocol.errors import INTERNAL, NOT_FINITE, UNKNOWN_STEP
+from sfprompt.protocol.errors import BUSY, NOT_FINITE, UNKNOWN_STEP, ProtocolError
 from sfprompt.protocol.messages import BodyOut, Error, GradH, GradZ, Message, Smashed
 from sfprompt.protocol.mqtt_client import MqttClient
 
-from .batcher import BodyBatcher
+from .batcher import BatcherBusy, BodyBatcher
 from .step_state import StateFull, StepStore
 
 log = logging.getLogger(__name__)
@@ -47,7 +52,7 @@ class BodyService:
         self.batcher = batcher
         self.store = store
         self.owns = owns
-        self._served: set[str] = set()
+        self._served: OrderedDict[str, None] = OrderedDict()  # for the log, bounded
 
     def attach(self) -> BodyService:
         """Subscribe the handlers (before or after connect)."""
@@ -63,14 +68,19 @@ class BodyService:
         assert isinstance(msg, Smashed)
         if not self.owns(msg.device_id):
             return None
-        if msg.device_id not in self._served:
-            self._served.add(msg.device_id)
-            log.info("serving the body to %s", msg.device_id)
+        self._note_served(msg.device_id)
+        key = (msg.device_id, msg.round, msg.step)
         try:
-            self.store.put((msg.device_id, msg.round, msg.step), msg.h)
+            self.store.put(key, msg.h)
         except StateFull as exc:
-            return _error(msg, INTERNAL, f"server busy, retry later: {exc}")
-        self.batcher.forward(msg.h, lambda z, exc: self._reply(inbound, z, exc, BodyOut))
+            return _error(msg, BUSY, f"server busy, send again later: {exc}")
+        try:
+            self.batcher.forward(
+                msg.h, lambda z, exc: self._reply(inbound, z, exc, BodyOut), msg.device_id
+            )
+        except (BatcherBusy, ProtocolError) as exc:
+            self.store.take(key)  # nothing of a refused step is kept
+            return _refusal(msg, exc)
         return None
 
     def _on_grad_z(self, inbound: Inbound) -> Message | None:
@@ -78,17 +88,33 @@ class BodyService:
         assert isinstance(msg, GradZ)
         if not self.owns(msg.device_id):
             return None
-        h = self.store.take((msg.device_id, msg.round, msg.step))
+        key = (msg.device_id, msg.round, msg.step)
+        h = self.store.take(key)
         if h is None:
             text = (
                 f"no open split step (round {msg.round}, step {msg.step}) for {msg.device_id}: "
                 "never smashed, already answered, or expired"
             )
             return _error(msg, UNKNOWN_STEP, text)
-        self.batcher.backward(
-            h, msg.grad_z, lambda grad, exc: self._reply(inbound, grad, exc, GradH)
-        )
+        try:
+            self.batcher.backward(
+                h,
+                msg.grad_z,
+                lambda grad, exc: self._reply(inbound, grad, exc, GradH),
+                msg.device_id,
+            )
+        except (BatcherBusy, ProtocolError) as exc:
+            self.store.put(key, h)  # still open: the device sends its GRAD_Z again
+            return _refusal(msg, exc)
         return None
+
+    def _note_served(self, device_id: str) -> None:
+        if device_id in self._served:
+            return
+        self._served[device_id] = None
+        if len(self._served) > 100_000:
+            self._served.popitem(last=False)
+        log.info("serving the body to %s", device_id)
 
     def _reply(
         self,
@@ -123,6 +149,14 @@ class BodyService:
             self.client.respond(inbound, reply)
         except Exception:
             log.exception("could not answer %s of %s", msg.kind, msg.device_id)
+
+
+def _refusal(msg: Smashed | GradZ, exc: Exception) -> Error:
+    """A request refused as it came: busy (send it later) or its own fault (e.g. too large)."""
+    log.info("refused %s of %s step %d: %s", msg.kind, msg.device_id, msg.step, exc)
+    if isinstance(exc, ProtocolError):
+        return error_for(exc, msg.device_id, msg.msg_id, msg.round, msg.step)
+    return _error(msg, BUSY, str(exc))
 
 
 def _error(msg: Smashed | GradZ, code: str, text: str) -> Error:

@@ -15,8 +15,19 @@ What it writes under the output folder:
 Each device may publish only under its own up-tree and presence, and read only its own down-tree,
 the broadcasts and the server status; the server may use everything (`broker_access`).
 `cryptography` comes with the `cloud` extra; the CLI imports this module only when the command
-runs. Devices need both their certificate and their password (defence in depth: a leaked password
-alone, or a copied certificate alone, is not enough). Keys are written mode 0600.
+runs. Keys are written mode 0600.
+
+Who a client is (`identity`). Mosquitto 2.0 cannot check a certificate and a password together:
+with `use_identity_as_username` it takes the user name from the certificate's CN and discards the
+password unchecked (and skips the plugin's password check, with its client-id pin); without it,
+any certificate the CA signed passes the TLS handshake and the password alone names the user.
+- "certificate" (default): the certificate's CN is the user and, with `use_username_as_clientid`,
+  the client id too. A certificate works only for its own user and no client can take over
+  another's session; the password files are still written (and hashed in the access files) but
+  Mosquitto does not check them.
+- "password": a CA-signed certificate (any of the fleet's) plus the user's password; the
+  dynamic-security plugin refuses a client id other than the user's own (CONNACK 0x87).
+Body workers (`workers`) get users of their own (`server-worker-<i>`): one user is one client id.
 
 Who owns what: `mosquitto -c mosquitto.conf` started as root reads the config, then switches to
 the account in its `user` line before it opens the server key, the access rules and data/. So
@@ -60,6 +71,11 @@ class BrokerConfigOptions:
     topics: Topics = field(default_factory=Topics)
     access: str = "dynsec"  # or "acl-file" (see broker_access)
     dynsec_plugin: Path | None = None  # the plugin's path on the broker host; found if None
+    identity: str = "certificate"  # or "password": who a client is (module docstring)
+    workers: int = 0  # users for `sfprompt-cloud worker`s: <server_user>-worker-<i>
+
+
+IDENTITIES = ("certificate", "password")
 
 
 @dataclass(frozen=True)
@@ -86,10 +102,11 @@ def write_broker_config(options: BrokerConfigOptions, use_tool: bool = True) -> 
     _make_folders(out)
     home = (options.install_dir or out).resolve()
     passwords = _write_certificates(options, users)
+    servers = [options.server_user, *access.worker_users(options.server_user, options.workers)]
     if plugin is not None:
-        written, access_lines = _write_dynsec(options, home, plugin, passwords)
+        written, access_lines = _write_dynsec(options, home, plugin, passwords, servers)
     else:
-        written, access_lines = _write_password_and_acl(options, home, passwords, use_tool)
+        written, access_lines = _write_password_and_acl(options, home, passwords, servers, use_tool)
     config_path = out / "mosquitto.conf"
     config_path.write_text(_config_text(options, home, account, access_lines))
     if account.uid is not None:
@@ -217,45 +234,60 @@ def _may_enter(info: os.stat_result, uid: int, groups: set[int]) -> bool:
 
 
 def _write_dynsec(
-    options: BrokerConfigOptions, home: Path, plugin: Path, passwords: dict[str, str]
+    options: BrokerConfigOptions,
+    home: Path,
+    plugin: Path,
+    passwords: dict[str, str],
+    servers: list[str],
 ) -> tuple[tuple[Path, ...], list[str]]:
     """dynamic-security.json, and the mosquitto.conf lines that load it."""
     path = options.out / "dynamic-security.json"
     devices = list(options.devices)
-    config = access.dynsec_config(options.topics, options.server_user, devices, passwords)
+    config = access.dynsec_config(options.topics, servers, devices, passwords)
     access.write_dynsec_config(path, config)
     return (path,), [f"plugin {plugin}", f"plugin_opt_config_file {home / path.name}"]
 
 
 def _write_password_and_acl(
-    options: BrokerConfigOptions, home: Path, passwords: dict[str, str], use_tool: bool
+    options: BrokerConfigOptions,
+    home: Path,
+    passwords: dict[str, str],
+    servers: list[str],
+    use_tool: bool,
 ) -> tuple[tuple[Path, ...], list[str]]:
     """passwd and acl, and the mosquitto.conf lines that name them."""
     passwd, acl = options.out / "passwd", options.out / "acl"
     access.write_password_file(passwd, passwords, use_tool)
-    access.write_acl_file(acl, options.topics, options.server_user)
+    access.write_acl_file(acl, options.topics, servers)
     return (passwd, acl), [f"password_file {home / 'passwd'}", f"acl_file {home / 'acl'}"]
 
 
 def _check_users(options: BrokerConfigOptions) -> list[str]:
-    """Server first, then the devices, then (dynsec) the admin."""
+    """Server and its workers first, then the devices, then (dynsec) the admin."""
     if not options.devices:
         raise ValueError("give at least one device id (--devices ID...)")
     if options.access not in access.ACCESS_MODES:
         raise ValueError(f"access must be one of {access.ACCESS_MODES}, not {options.access!r}")
+    if options.identity not in IDENTITIES:
+        raise ValueError(f"identity must be one of {IDENTITIES}, not {options.identity!r}")
+    if not 0 <= options.workers <= 64:
+        raise ValueError(f"workers must be in 0-64, not {options.workers}")
     devices = [check_device_id(d, "device id") for d in options.devices]
     check_device_id(options.server_user, "server user")
-    reserved = [options.server_user]
+    workers = access.worker_users(options.server_user, options.workers)
+    reserved = [options.server_user, *workers]
     if options.access == "dynsec":
         reserved.append(access.ADMIN_USER)
         if options.server_user == access.ADMIN_USER:
             raise ValueError(f"{access.ADMIN_USER!r} is reserved for the dynamic-security admin")
     for name in reserved:
         if name in devices:
-            raise ValueError(f"device id {name!r} is reserved (the server or admin user name)")
+            raise ValueError(
+                f"device id {name!r} is reserved (the server's, a worker's or the admin's user)"
+            )
     if len(set(devices)) != len(devices):
         raise ValueError("device ids must be distinct")
-    return [options.server_user, *devices, *reserved[1:]]
+    return [options.server_user, *workers, *devices, *reserved[1 + len(workers) :]]
 
 
 def _plugin_path(options: BrokerConfigOptions) -> Path | None:
@@ -356,6 +388,7 @@ def _mosquitto_ctrl_as_admin(folder: Path, host: str) -> list[str]:
         *("-h", host, "-p", listener[1], "--cafile", str(folder / "certs" / "ca.crt")),
         *("--cert", str(admin / "client.crt"), "--key", str(admin / "client.key")),
         *("-u", access.ADMIN_USER, "-P", (admin / "password").read_text().strip()),
+        *("-i", access.ADMIN_USER),  # its pinned client id
     ]
 
 
@@ -392,7 +425,22 @@ def _config_text(
         f"certfile {home / 'certs' / 'server.crt'}",
         f"keyfile {home / 'certs' / 'server.key'}",
         "require_certificate true",
-        "use_identity_as_username false",
+        *_identity_lines(options.identity),
         "tls_version tlsv1.2",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _identity_lines(identity: str) -> list[str]:
+    """mosquitto.conf lines for `identity` (see the module docstring for why not both)."""
+    if identity == "certificate":
+        return [
+            "# The certificate's CN is the user name and the client id; Mosquitto 2.0 then",
+            "# ignores the password (use_identity_as_username false: password identity).",
+            "use_identity_as_username true",
+            "use_username_as_clientid true",
+        ]
+    return [
+        "# The password names the user; any certificate of this CA passes TLS.",
+        "use_identity_as_username false",
+    ]

@@ -17,7 +17,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -43,6 +43,8 @@ class Checkpoint:
     history: list[dict]  # one JSON-able dict of metrics per round so far
     rng_state: dict  # numpy Generator.bit_generator.state
     fingerprint: str  # of the model/config: a restart with another model is refused
+    strikes: dict[str, int] = field(default_factory=dict)  # device -> refused rounds in a row
+    excluded: list[str] = field(default_factory=list)  # devices no longer selected
 
 
 def config_fingerprint(config: Mapping[str, object]) -> str:
@@ -54,18 +56,23 @@ def config_fingerprint(config: Mapping[str, object]) -> str:
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
     """Write `ckpt` to `path` atomically (see the module docstring).
 
-    Raises ValueError if history or rng_state is not JSON-able, or a parameter is not an array.
+    Raises ValueError if history or rng_state is not JSON-able, or a parameter is not an array
+    or not finite (a NaN model saved would poison every restart).
     """
     path = Path(path)
     for key, value in ckpt.params.items():
         if not isinstance(value, np.ndarray):
             raise ValueError(f"checkpoint param {key}: expected a numpy array, got {type(value)}")
+        if not _finite(value):
+            raise ValueError(f"checkpoint param {key} of round {ckpt.round} is not finite")
     meta = {
         "format": FORMAT,
         "round": ckpt.round,
         "history": ckpt.history,
         "rng_state": ckpt.rng_state,
         "fingerprint": ckpt.fingerprint,
+        "strikes": ckpt.strikes,
+        "excluded": ckpt.excluded,
     }
     try:
         text = json.dumps(meta)
@@ -93,7 +100,8 @@ def load_checkpoint(path: Path, fingerprint: str | None = None) -> Checkpoint | 
     """Read the checkpoint at `path`; None if there is none.
 
     Raises CheckpointError naming the file if it is truncated, not safetensors, has bad or
-    missing metadata, or (when `fingerprint` is given) was written for another configuration.
+    missing metadata, holds NaN or Inf, or (when `fingerprint` is given) was written for another
+    configuration. `strikes` and `excluded` are optional (older checkpoints lack them).
     Temporary files left by a killed write are never read.
     """
     path = Path(path)
@@ -112,9 +120,21 @@ def load_checkpoint(path: Path, fingerprint: str | None = None) -> Checkpoint | 
         history=_field(path, meta, "history", list),
         rng_state=_field(path, meta, "rng_state", dict),
         fingerprint=_field(path, meta, "fingerprint", str),
+        strikes=_field(path, {"strikes": {}, **meta}, "strikes", dict),
+        excluded=_field(path, {"excluded": [], **meta}, "excluded", list),
     )
     if not all(isinstance(entry, dict) for entry in ckpt.history):
         raise CheckpointError(f"{path}: history must be a list of objects")
+    if not all(isinstance(d, str) and _count(n) for d, n in ckpt.strikes.items()):
+        raise CheckpointError(f"{path}: strikes must map device ids to counts >= 0")
+    if not all(isinstance(d, str) for d in ckpt.excluded):
+        raise CheckpointError(f"{path}: excluded must be a list of device ids")
+    bad = sorted(key for key, value in params.items() if not _finite(value))
+    if bad:
+        raise CheckpointError(
+            f"{path}: parameters {bad} hold NaN or Inf (a poisoned model); move the checkpoint "
+            "away to start afresh"
+        )
     if fingerprint is not None and ckpt.fingerprint != fingerprint:
         raise CheckpointError(
             f"{path}: written for configuration {ckpt.fingerprint[:16]}..., this server runs "
@@ -153,6 +173,14 @@ def _field(path: Path, meta: dict, name: str, kind: type[T]) -> T:
             f"{path}: metadata field {name!r} must be {kind.__name__}, got {type(value).__name__}"
         )
     return value
+
+
+def _finite(value: np.ndarray) -> bool:
+    return not np.issubdtype(value.dtype, np.floating) or bool(np.isfinite(value).all())
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _remove_stale_temps(path: Path) -> None:

@@ -127,6 +127,7 @@ def _split_config(values: dict[str, Any]) -> tuple[Any, Any, Any]:
         tls_key=values.pop("tls_key"),
         embedded_port=values.pop("embedded_port", None),
         listen=values.pop("listen", None),
+        devices=values.pop("devices", None) or (),
     )
     return source, body, broker
 
@@ -148,8 +149,15 @@ def _path(value: Any) -> Path | None:
     "--listen",
     metavar="HOST:PORT",
     help="Where the embedded broker listens: 0.0.0.0:1883 for devices on other machines "
-    "(anonymous: a trusted network only). Default: where it listened the last time OUT was "
+    "(no TLS: a trusted network only). Default: where it listened the last time OUT was "
     "served, else 127.0.0.1 at a free port. A port already taken is refused.",
+)
+@click.option(
+    "--devices",
+    multiple=True,
+    metavar="ID,...",
+    help="Devices the embedded broker admits (`a,b` or repeated); each one's password is in "
+    "OUT/broker/clients/ID/password.",
 )
 @click.option(
     "--embedded-port", type=int, help="Port of the embedded broker on 127.0.0.1 (see --listen)."
@@ -191,6 +199,13 @@ def _path(value: Any) -> Path | None:
     default=600.0,
     show_default=True,
     help="Deadline of each round: later updates are rejected.",
+)
+@click.option(
+    "--max-devices",
+    type=int,
+    default=10_000,
+    show_default=True,
+    help="Devices the server knows at most; a full registry forgets the longest offline.",
 )
 @click.option(
     "--offline-grace",
@@ -242,6 +257,55 @@ def _path(value: Any) -> Path | None:
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
+    "--aggregation",
+    type=click.Choice(["fedavg", "median", "trimmed-mean"]),
+    default=RoundConfig.aggregation,
+    show_default=True,
+    help="fedavg: sample-weighted mean; median / trimmed-mean: coordinate-wise and unweighted, "
+    "robust to a minority of poisoned updates (docs/cloud_server.md, Robust aggregation).",
+)
+@click.option(
+    "--trim-fraction",
+    type=float,
+    default=RoundConfig.trim_fraction,
+    show_default=True,
+    help="trimmed-mean: drop ceil(F * n) updates at each end of every coordinate.",
+)
+@click.option(
+    "--clip-norm",
+    type=float,
+    default=RoundConfig.clip_norm,
+    help="Scale each update's change (L2, all parameters) down to this norm. Default: off.",
+)
+@click.option(
+    "--max-update-norm",
+    type=float,
+    default=RoundConfig.max_update_norm,
+    show_default=True,
+    help="Refuse an update whose change (L2, all parameters) is larger ('inf': no bound).",
+)
+@click.option(
+    "--max-samples",
+    type=int,
+    default=RoundConfig.max_samples,
+    show_default=True,
+    help="The most weight one device can claim in FedAvg (also capped at its local_samples).",
+)
+@click.option(
+    "--max-global-growth",
+    type=float,
+    default=RoundConfig.max_global_growth,
+    show_default=True,
+    help="Keep the last good model if the new one's norm exceeds this times the old one's.",
+)
+@click.option(
+    "--max-refusals",
+    type=int,
+    default=RoundConfig.max_refusals,
+    show_default=True,
+    help="A device whose update is refused this many rounds in a row is no longer selected.",
+)
+@click.option(
     "--body-workers",
     type=int,
     default=0,
@@ -279,9 +343,12 @@ def serve(
     setup_logging(verbose, quiet)
     values = merge_config(ctx, flags, config_file)
     source, body, broker = _split_config(values)
-    rounds = RoundConfig(
-        **{k: values.pop(k) for k in list(values) if k in RoundConfig.__dataclass_fields__}
-    )
+    try:  # a bad bound or rule is named (e.g. "trim_fraction must be in [0, 0.5)")
+        rounds = RoundConfig(
+            **{k: values.pop(k) for k in list(values) if k in RoundConfig.__dataclass_fields__}
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
     cfg = ServeConfig(
         source=source,
         broker=broker,
@@ -377,6 +444,9 @@ def worker(
 )
 @click.argument("more_devices", nargs=-1, metavar="")
 @click.option("--server-user", default="server", show_default=True, help="The server's user name.")
+@click.option(
+    "--workers", default=0, show_default=True, help="Users SERVER-USER-worker-I for body workers."
+)
 @click.option("--port", default=8883, show_default=True, help="TLS listener port.")
 @click.option("--bind", default="0.0.0.0", show_default=True, help="Address to listen on.")
 @click.option(
@@ -431,6 +501,7 @@ def broker_config(
     devices: tuple[str, ...],
     more_devices: tuple[str, ...],
     server_user: str,
+    workers: int,
     port: int,
     bind: str,
     hostnames: tuple[str, ...],
@@ -474,6 +545,7 @@ def broker_config(
         out=out,
         devices=ids,
         server_user=server_user,
+        workers=workers,
         port=port,
         bind=bind,
         hostnames=hostnames or ("localhost", "127.0.0.1"),

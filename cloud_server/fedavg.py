@@ -30,6 +30,7 @@ WRONG_SHAPE = "wrong_shape"
 WRONG_DTYPE = "wrong_dtype"  # not a float32 numpy array
 NON_FINITE = "non_finite"  # NaN or Inf anywhere
 NO_SAMPLES = "no_samples"  # sample count <= 0 (or not an integer): it would get no weight
+TOO_LARGE = "too_large"  # the change from the global model is beyond the server's norm bound
 
 REASONS = frozenset(
     {
@@ -42,7 +43,12 @@ REASONS = frozenset(
         WRONG_DTYPE,
         NON_FINITE,
         NO_SAMPLES,
+        TOO_LARGE,
     }
+)
+# Refusals for what the update holds, not when or whence it came: repeated, they exclude a device.
+CONTENT_REASONS = frozenset(
+    {WRONG_KEYS, WRONG_SHAPE, WRONG_DTYPE, NON_FINITE, NO_SAMPLES, TOO_LARGE}
 )
 
 
@@ -59,11 +65,25 @@ class UpdateRejected(ValueError):
         super().__init__(f"[{reason}] {message}")
 
 
+def delta_norm(old: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of new - old over all parameters (the keys of `old`), in float64: 1e30 squared
+    does not overflow."""
+    total = 0.0
+    for key, reference in old.items():
+        change = new[key].astype(np.float64) - reference.astype(np.float64)
+        total += float(np.sum(np.square(change)))
+    return math.sqrt(total)
+
+
 def check_update(
-    global_params: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray], samples: int
-) -> None:
-    """Raise UpdateRejected unless `params` matches the global keys, shapes and dtype, is finite
-    everywhere, and `samples` is a positive integer."""
+    global_params: Mapping[str, np.ndarray],
+    params: Mapping[str, np.ndarray],
+    samples: int,
+    max_norm: float = math.inf,
+) -> float:
+    """The update's change |params - global| (L2, all parameters); raise UpdateRejected unless
+    `params` matches the global keys, shapes and dtype, is finite everywhere, changes the model
+    by at most `max_norm`, and `samples` is a positive integer."""
     if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples <= 0:
         raise UpdateRejected(NO_SAMPLES, f"sample count must be an integer > 0, got {samples!r}")
     missing = sorted(set(global_params) - set(params))
@@ -85,6 +105,12 @@ def check_update(
         if not np.isfinite(value).all():
             bad = int(value.size - np.count_nonzero(np.isfinite(value)))
             raise UpdateRejected(NON_FINITE, f"{key}: {bad} of {value.size} values are NaN or Inf")
+    norm = delta_norm(global_params, params)
+    if norm > max_norm:
+        raise UpdateRejected(
+            TOO_LARGE, f"it changes the model by {norm:.4g} (L2), more than the bound {max_norm:g}"
+        )
+    return norm
 
 
 def fedavg(
@@ -132,11 +158,17 @@ class RoundInbox:
     is final, whether accepted or refused for its content (a device that sent NaNs is not awaited
     any more, and a resend is a duplicate). Offers naming another round, or from devices not
     selected, are refused without counting as a report. `deadline` is on the time.monotonic()
-    clock. Accepted parameters are kept by reference; fedavg never writes them.
+    clock. Accepted parameters are kept by reference; fedavg never writes them. An update whose
+    change is larger than `max_update_norm` (L2) is refused as `too_large`.
     """
 
     def __init__(
-        self, round: int, selected: set[str], global_params: Params, deadline: float
+        self,
+        round: int,
+        selected: set[str],
+        global_params: Params,
+        deadline: float,
+        max_update_norm: float = math.inf,
     ) -> None:
         if not selected:
             raise ValueError(f"round {round}: no devices selected, nothing to wait for")
@@ -146,6 +178,7 @@ class RoundInbox:
         self.selected = frozenset(selected)
         self.global_params = global_params
         self.deadline = deadline
+        self.max_update_norm = max_update_norm
         self._cond = threading.Condition()
         self._claimed: set[str] = set()  # reported, or being checked right now
         self._reported: set[str] = set()  # accepted or refused for content: final
@@ -177,7 +210,8 @@ class RoundInbox:
                 self._refuse(device_id, LATE, f"{device_id!r} in round {round}: {late}")
             self._claimed.add(device_id)  # a concurrent resend is a duplicate
         try:
-            check_update(self.global_params, params, samples)  # outside the lock: can be slow
+            # outside the lock: can be slow
+            check_update(self.global_params, params, samples, self.max_update_norm)
         except UpdateRejected as error:
             with self._cond:
                 self._rejected.append((device_id, error.reason))
@@ -232,6 +266,17 @@ class RoundInbox:
         """(device, reason) for every refused offer, in arrival order."""
         with self._cond:
             return list(self._rejected)
+
+    def refused_for_content(self) -> set[str]:
+        """Selected devices whose one report this round was refused for what it held."""
+        with self._cond:
+            return {
+                device
+                for device, reason in self._rejected
+                if reason in CONTENT_REASONS
+                and device in self._reported
+                and device not in self._accepted
+            }
 
     def missing(self) -> list[tuple[str, str]]:
         """(device, why) for every selected device whose update was not accepted."""

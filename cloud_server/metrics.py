@@ -29,7 +29,8 @@ class RoundMetrics:
     loss: float | None
     seconds: float  # wall time of the whole round
     # device id -> samples, bytes_up_split, bytes_down_split, bytes_down_task, bytes_up_update,
-    # peak_rss_mb, local_loss, ...
+    # peak_rss_mb, local_loss, ...; for accepted updates also update_norm (L2 of the change),
+    # weight (samples after the server's cap) and clipped (1 if scaled down to the clip norm)
     devices: dict[str, dict[str, float]] = field(default_factory=dict)
     selected: list[str] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)
@@ -38,6 +39,9 @@ class RoundMetrics:
     params_after: str = ""
     eval_samples: int | None = None  # test images behind accuracy and loss; None: not evaluated
     missing: list[tuple[str, str]] = field(default_factory=list)  # selected, not accepted: why
+    aggregation: str = ""  # the rule: fedavg, median or trimmed-mean
+    model_refused: str = ""  # why the new global model was refused and the last good one kept
+    excluded: list[str] = field(default_factory=list)  # devices no longer selected, so far
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (rejected pairs become two-item lists)."""
@@ -63,6 +67,9 @@ class RoundMetrics:
                 params_after=data.get("params_after", ""),
                 eval_samples=data.get("eval_samples"),
                 missing=[(device, why) for device, why in data.get("missing", [])],
+                aggregation=data.get("aggregation", ""),
+                model_refused=data.get("model_refused", ""),
+                excluded=list(data.get("excluded", [])),
             )
         except KeyError as error:
             raise ValueError(f"round metrics: field {error.args[0]!r} is missing") from None
@@ -154,6 +161,12 @@ class PrometheusExporter:
         self._bytes = prom.Counter(
             "sfprompt_bytes", "Bytes exchanged with devices", ["direction", "phase"], registry=r
         )
+        self._models_refused = prom.Counter(
+            "sfprompt_models_refused", "Rounds whose new global model was refused", registry=r
+        )
+        self._excluded = prom.Gauge(
+            "sfprompt_devices_excluded", "Devices excluded for refused updates", registry=r
+        )
         self._seconds = prom.Histogram(
             "sfprompt_round_seconds",
             "Wall time of one round",
@@ -180,6 +193,9 @@ class PrometheusExporter:
         self._accepted.set(len(m.accepted))
         for _, reason in m.rejected:
             self._rejected.labels(reason=reason).inc()
+        if m.model_refused:
+            self._models_refused.inc()
+        self._excluded.set(len(m.excluded))
         for (direction, phase), count in m.bytes_by_phase().items():
             self._bytes.labels(direction=direction, phase=phase).inc(count)
         self._seconds.observe(m.seconds)

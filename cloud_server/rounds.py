@@ -22,7 +22,7 @@ import numpy as np
 
 from sfprompt.protocol.client_config import Inbound
 from sfprompt.protocol.codec import encode
-from sfprompt.protocol.errors import BUNDLE_MISMATCH, REJECTED, TransportError
+from sfprompt.protocol.errors import BUNDLE_MISMATCH, BUSY, REJECTED, TransportError
 from sfprompt.protocol.messages import (
     BROADCAST,
     Error,
@@ -36,10 +36,11 @@ from sfprompt.protocol.messages import (
 )
 from sfprompt.protocol.mqtt_client import MqttClient
 
+from .aggregation import AggregationConfig, RefusalTracker, aggregate
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .fedavg import RoundInbox, UpdateRejected, fedavg
+from .fedavg import RoundInbox, UpdateRejected
 from .metrics import MetricsLog, RoundMetrics
-from .registry import Registry
+from .registry import Registry, RegistryFull
 
 log = logging.getLogger(__name__)
 Params = dict[str, np.ndarray]
@@ -68,6 +69,33 @@ class RoundConfig:
     encoding: str = "fp32"  # activations and gradients on the wire
     prune: str = "class"  # EL2N's hardest fraction per class, or "global" (the paper's rule)
     seed: int = 0
+    max_devices: int = 10_000  # devices the registry knows at most (docs/cloud_server.md, Bounds)
+    # Robust aggregation (docs/cloud_server.md, "Robust aggregation"); none of it is in the TASK.
+    aggregation: str = "fedavg"  # or "median", "trimmed-mean" (coordinate-wise, unweighted)
+    trim_fraction: float = 0.2  # trimmed-mean: ceil(f * n) updates dropped at each end
+    clip_norm: float | None = None  # scale each update's change down to this L2 norm
+    max_update_norm: float = 1000.0  # refuse an update whose change is larger (L2)
+    max_samples: int = 10_000  # the most FedAvg weight one device can claim
+    max_global_growth: float = 10.0  # keep the last model if |new| > this * max(|old|, 1)
+    max_refusals: int = 3  # refused this many rounds in a row: no longer selected
+
+    def __post_init__(self) -> None:
+        self.aggregation_config()  # raises ValueError naming a bad bound or rule
+        if isinstance(self.max_refusals, bool) or not isinstance(self.max_refusals, int):
+            raise ValueError(f"max_refusals must be an integer, got {self.max_refusals!r}")
+        if self.max_refusals < 1:
+            raise ValueError(f"max_refusals must be >= 1, got {self.max_refusals!r}")
+
+    def aggregation_config(self) -> AggregationConfig:
+        return AggregationConfig(
+            rule=self.aggregation,
+            trim_fraction=self.trim_fraction,
+            clip_norm=self.clip_norm,
+            max_update_norm=self.max_update_norm,
+            max_samples=self.max_samples,
+            max_global_growth=self.max_global_growth,
+            server_lr=self.server_lr,
+        )
 
     def settings(self, deadline: float) -> PhaseSettings:
         return PhaseSettings(
@@ -133,11 +161,12 @@ class Coordinator:
         self.evaluate = evaluate
         self.eval_samples = eval_samples
         self.on_round = on_round
-        self.registry = Registry()
+        self.registry = Registry(cfg.max_devices)
         self.params = {k: np.array(v, dtype=np.float32) for k, v in initial_params.items()}
         self.round = 0
         self.history: list[dict] = []
         self.rng = np.random.default_rng(cfg.seed)
+        self.refusals = RefusalTracker(cfg.max_refusals)
         self.state = "starting"
         self._current: _RoundState | None = None
         self._lock = threading.Lock()
@@ -162,7 +191,10 @@ class Coordinator:
         self.round = ckpt.round
         self.history = list(ckpt.history)
         self.rng.bit_generator.state = ckpt.rng_state
+        self.refusals = RefusalTracker(self.cfg.max_refusals, ckpt.strikes, ckpt.excluded)
         log.info("resumed after round %d (params %s)", self.round, params_digest(self.params))
+        if self.refusals.excluded:
+            log.info("still excluded: %s", ", ".join(sorted(self.refusals.excluded)))
         return True
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -172,23 +204,47 @@ class Coordinator:
         self._status("starting")  # devices that knew an earlier server instance join again
         self._status("waiting")
         while self.round < self.cfg.rounds and not stop.is_set():
-            if len(self.registry.online()) < self.cfg.min_devices:
+            if len(self._eligible()) < self.cfg.min_devices:
                 log.info(
-                    "waiting up to %.0fs for %d device(s) to join (%d online)",
+                    "waiting up to %.0fs for %d device(s) to join (%d online, %d excluded)",
                     self.cfg.wait_for_devices_s,
                     self.cfg.min_devices,
                     len(self.registry.online()),
+                    len(self.refusals.excluded),
                 )
-            online = self.registry.wait_for(self.cfg.min_devices, self.cfg.wait_for_devices_s, stop)
+            online = self._wait_for_eligible(stop)
             if stop.is_set():
                 break
             if len(online) < self.cfg.min_devices:
                 raise TimeoutError(
                     f"only {len(online)} of the {self.cfg.min_devices} devices needed came "
                     f"online within {self.cfg.wait_for_devices_s:.0f}s"
+                    + (
+                        f" ({len(self.refusals.excluded)} more are excluded)"
+                        if self.refusals.excluded
+                        else ""
+                    )
                 )
             self._run_round(self.round + 1, online, stop)
         self._status("finished" if self.round >= self.cfg.rounds else "stopped")
+
+    def _eligible(self) -> list[str]:
+        """Online devices that may be selected: not excluded."""
+        return [d for d in self.registry.online() if d not in self.refusals.excluded]
+
+    def _wait_for_eligible(self, stop: threading.Event) -> list[str]:
+        """Block until `min_devices` eligible devices are online, `wait_for_devices_s` passes or
+        `stop` is set; returns the eligible devices. Excluded devices online do not count."""
+        deadline = time.monotonic() + self.cfg.wait_for_devices_s
+        while True:
+            slice_s = max(0.0, min(1.0, deadline - time.monotonic()))
+            self.registry.wait_for(
+                self.cfg.min_devices + len(self.refusals.excluded), slice_s, stop
+            )
+            eligible = self._eligible()
+            enough = len(eligible) >= self.cfg.min_devices
+            if enough or stop.is_set() or time.monotonic() >= deadline:
+                return eligible
 
     def _run_round(self, number: int, online: list[str], stop: threading.Event) -> None:
         started = time.time()
@@ -196,7 +252,10 @@ class Coordinator:
         deadline = started + self.cfg.round_timeout_s  # wall clock: devices compare with theirs
         start_digest = params_digest(self.params)
         inbox_deadline = time.monotonic() + self.cfg.round_timeout_s
-        state = _RoundState(RoundInbox(number, set(selected), self.params, inbox_deadline))
+        inbox = RoundInbox(
+            number, set(selected), self.params, inbox_deadline, self.cfg.max_update_norm
+        )
+        state = _RoundState(inbox)
         with self._lock:
             self._current = state
         self._status("training", f"round {number}: {len(selected)} devices")
@@ -210,8 +269,14 @@ class Coordinator:
             self._current = None
         self._status("aggregating", f"round {number}")
         accepted = state.inbox.accepted
-        if accepted:
-            self.params = fedavg(self.params, list(accepted.values()), self.cfg.server_lr)
+        figures, model_refused = self._aggregate(number, state)
+        refused = state.inbox.refused_for_content()
+        for device in self.refusals.record(selected, set(accepted), refused):
+            log.warning(
+                "%s excluded from selection: its update was refused %d rounds in a row",
+                device,
+                self.cfg.max_refusals,
+            )
         self._status("evaluating", f"round {number}")
         result = self.evaluate(self.params)
         metrics = RoundMetrics(
@@ -221,7 +286,11 @@ class Coordinator:
             eval_samples=None if result is None else self.eval_samples,
             seconds=time.time() - started,
             devices={
-                d: {**state.device_metrics.get(d, {}), "bytes_down_task": float(task_bytes[d])}
+                d: {
+                    **state.device_metrics.get(d, {}),
+                    **figures.get(d, {}),
+                    "bytes_down_task": float(task_bytes[d]),
+                }
                 for d in selected
             },
             selected=selected,
@@ -230,18 +299,59 @@ class Coordinator:
             params_before=start_digest,
             params_after=params_digest(self.params),
             missing=state.inbox.missing(),
+            aggregation=self.cfg.aggregation,
+            model_refused=model_refused,
+            excluded=sorted(self.refusals.excluded),
         )
         _log_round(metrics)
         self.history.append(metrics.to_dict())
         save_checkpoint(
             self.checkpoint_path,
             Checkpoint(
-                number, self.params, self.history, self.rng.bit_generator.state, self.contract_hash
+                number,
+                self.params,
+                self.history,
+                self.rng.bit_generator.state,
+                self.contract_hash,
+                strikes=dict(self.refusals.strikes),
+                excluded=sorted(self.refusals.excluded),
             ),
         )
         self.round = number
         self.metrics_log.write(metrics)
         self.on_round(metrics)
+
+    def _aggregate(
+        self, number: int, state: _RoundState
+    ) -> tuple[dict[str, dict[str, float]], str]:
+        """Apply the round's accepted updates (bounded, clipped, by the chosen rule) unless the
+        result is not sane. Returns per-device figures for the metrics and why the new model
+        was refused ("" if it was taken)."""
+        accepted = state.inbox.accepted
+        if not accepted:
+            return {}, ""
+        metrics = state.device_metrics
+        reported = {
+            d: metrics[d]["local_samples"]
+            for d in accepted
+            if "local_samples" in metrics.get(d, {})
+        }
+        result = aggregate(self.params, accepted, self.cfg.aggregation_config(), reported)
+        if result.refused:
+            log.warning(
+                "round %d: new global model refused, keeping the last good one: %s",
+                number,
+                result.refused,
+            )
+        if result.clipped:
+            log.info(
+                "round %d: clipped to norm %g: %s",
+                number,
+                self.cfg.clip_norm,
+                ", ".join(result.clipped),
+            )
+        self.params = result.params
+        return result.figures(), result.refused
 
     def _send_tasks(self, number: int, selected: list[str], deadline: float) -> dict[str, int]:
         settings = self.cfg.settings(deadline)
@@ -291,7 +401,11 @@ class Coordinator:
                 answers=msg.msg_id,
             )
         known = self.registry.get(msg.device_id)
-        self.registry.join(msg)
+        try:
+            self.registry.join(msg)
+        except RegistryFull as exc:
+            log.warning("refused the JOIN of %s: %s", msg.device_id, exc)
+            return Error(device_id=msg.device_id, code=BUSY, text=str(exc), answers=msg.msg_id)
         if known is None:
             log.info("%s joined (%s)", msg.device_id, msg.hardware.get("machine", "?"))
         else:  # a JOIN resent (no reply seen) or after a reconnection: not news

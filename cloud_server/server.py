@@ -12,17 +12,18 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from sfprompt.protocol.broker import EmbeddedBroker, parse_listen
+from sfprompt.protocol.broker import BrokerError, BrokerWatchdog, EmbeddedBroker, parse_listen
 from sfprompt.protocol.client_config import ClientConfig, connection_config, read_password
 from sfprompt.protocol.codec import encode, expectations_for
-from sfprompt.protocol.messages import BROADCAST, ServerStatus
+from sfprompt.protocol.messages import BROADCAST, ServerStatus, check_device_id
 from sfprompt.protocol.mqtt_client import MqttClient
 
+from . import broker_access
 from .batcher import BodyBatcher
 from .body_model import BodyConfig, ServerModel
 from .body_service import BodyService, worker_of
@@ -50,11 +51,14 @@ class BrokerSettings:
     embedded_port: int | None = None  # the embedded broker's port (default: a free one)
     listen: str | None = None  # the embedded broker's HOST:PORT (default: loopback, free port)
     password_file: Path | None = None  # read the password from here (not visible in `ps`)
+    devices: tuple[str, ...] = ()  # who the embedded broker admits ("a,b" items are split)
 
     def client_config(self, url: str, client_id: str, **options: object) -> ClientConfig:
+        """Where brokers pin a user to one client id (broker-config, the embedded broker), a
+        client that logs in uses its user name as client id; `client_id` is for anonymous use."""
         return connection_config(
             url,
-            client_id,
+            self.username or client_id,
             username=self.username,
             password=read_password(self.password, self.password_file),
             tls_ca=self.tls_ca,
@@ -114,7 +118,7 @@ class ServeConfig:
     body_workers: int = 0  # 0: serve the body here; N: N `sfprompt-cloud worker`s do
     metrics_port: int | None = None
     progress: bool = True
-    client_id: str = "sfprompt-server"
+    client_id: str = "sfprompt-server"  # with a broker user name, that name is the client id
 
 
 @dataclass(frozen=True)
@@ -129,38 +133,100 @@ class WorkerConfig:
     state_ttl_s: float = 600.0
 
 
-@contextmanager
-def broker_url(settings: BrokerSettings, out: Path) -> Iterator[str]:
-    """The broker to use: the given URL, or an embedded Mosquitto that ends with this process.
+SERVER_USER = "server"  # the server's user on its embedded broker (as broker-config's default)
 
-    The embedded broker listens where `--listen` says; without it, where it listened the last
-    time this OUT was served (so a restarted server comes back on the same address and its
-    devices reconnect by themselves), else on loopback at a free port. Its URL is logged and
-    written to OUT/broker_url."""
+
+@contextmanager
+def broker_url(
+    settings: BrokerSettings,
+    out: Path,
+    workers: int = 0,
+    stop: threading.Event | None = None,
+) -> Iterator[BrokerSettings]:
+    """The broker to use, as settings with its URL and this server's login: the given URL, or
+    an embedded Mosquitto that ends with this process.
+
+    The embedded broker admits only the server, its `workers` and `settings.devices`, each
+    with its own password kept in OUT/broker/clients/<user>/password, and confines each
+    device to its own topics (`broker_access.FleetAccess`). It listens where `--listen` says;
+    without it, where it listened the last time this OUT was served (so a restarted server
+    comes back on the same address and its devices reconnect by themselves), else on loopback
+    at a free port. Its URL is logged and written to OUT/broker_url. A watchdog starts it again
+    if it dies; if that keeps failing, `stop` is set and BrokerError raised on exit."""
     if settings.url is not None:
-        yield settings.url
+        yield settings
         return
     host, port = embedded_address(settings, out)
-    with EmbeddedBroker(out / "broker", port, host=host, die_with_parent=True) as broker:
-        (out / "broker").mkdir(parents=True, exist_ok=True)
-        (out / "broker" / "listen").write_text(f"{host} {broker.port}\n")
+    folder = out / "broker"
+    fleet = embedded_fleet(settings, folder / "clients", workers)
+    broker = EmbeddedBroker(
+        folder, port, persistence=True, host=host, die_with_parent=True, access=fleet.write
+    )
+    with broker:
+        (folder / "listen").write_text(f"{host} {broker.port}\n")
         url = broker.public_url()
         (out / "broker_url").write_text(url + "\n")
-        log.info(
-            "broker listening on %s:%d; devices connect with --broker %s", host, broker.port, url
+        _announce(host, broker.port, url, folder / "clients", fleet)
+        watchdog = BrokerWatchdog(broker, lambda _: stop.set() if stop else None).start()
+        try:
+            yield replace(
+                settings,
+                url=broker.url,
+                username=SERVER_USER,
+                password=fleet.passwords[SERVER_USER],
+                password_file=None,
+            )
+        finally:
+            watchdog.stop()
+    if watchdog.failure is not None:
+        raise BrokerError(f"the embedded broker is gone: {watchdog.failure}")
+
+
+def embedded_fleet(
+    settings: BrokerSettings, clients: Path, workers: int
+) -> broker_access.FleetAccess:
+    """The users of the embedded broker and their passwords (kept in `clients`); raises
+    ValueError without devices, or for a device id that is not valid or not free."""
+    items = (settings.devices,) if isinstance(settings.devices, str) else settings.devices
+    devices = tuple(d.strip() for item in items for d in str(item).split(",") if d.strip())
+    if not devices:
+        raise ValueError(
+            "the embedded broker admits only the devices it is told: give their ids with "
+            "--devices pi-1,pi-2 (each one's password is written to "
+            f"{clients}/<id>/password), or use a broker of your own with --broker"
         )
-        if host in ("127.0.0.1", "::1", "localhost"):
-            log.info(
-                "loopback only: for devices on other machines serve with --listen 0.0.0.0:1883"
-            )
-        else:
-            log.warning(
-                "the embedded broker is anonymous: anyone who reaches %s:%d can join; for a "
-                "real deployment use `sfprompt-cloud broker-config` (TLS, passwords)",
-                host,
-                broker.port,
-            )
-        yield broker.url
+    servers = (SERVER_USER, *broker_access.worker_users(SERVER_USER, workers))
+    for device in devices:
+        check_device_id(device, "device id")
+    passwords = broker_access.fleet_passwords(clients, [*servers, *devices])
+    return broker_access.FleetAccess(servers, devices, passwords)
+
+
+def _announce(
+    host: str, port: int, url: str, clients: Path, fleet: broker_access.FleetAccess
+) -> None:
+    """Say where devices connect and where their passwords are (never the passwords)."""
+    log.info("broker listening on %s:%d; devices connect with --broker %s", host, port, url)
+    log.info(
+        "it admits %s, each with --username ID --password-file (a copy of) %s/ID/password",
+        ", ".join(fleet.devices),
+        clients,
+    )
+    if len(fleet.servers) > 1:
+        log.info(
+            "body workers log in as %s with %s/<user>/password",
+            ", ".join(fleet.servers[1:]),
+            clients,
+        )
+    if host in ("127.0.0.1", "::1", "localhost"):
+        log.info("loopback only: for devices on other machines serve with --listen 0.0.0.0:1883")
+    else:
+        log.warning(
+            "the embedded broker has no TLS: passwords and traffic cross %s:%d in clear; for a "
+            "deployment beyond a trusted network use `sfprompt-cloud broker-config`",
+            host,
+            port,
+        )
 
 
 def embedded_address(settings: BrokerSettings, out: Path) -> tuple[str, int | None]:
@@ -217,6 +283,11 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> list[dict]:
     """Run the federation's rounds; returns the metrics history. Raises BundleError,
     CheckpointError, TransportError or TimeoutError (too few devices) with clear messages."""
     stop = stop or stop_on_signals()
+    if cfg.rounds.batch_size > cfg.max_batch:  # every SMASHED would be refused too_large
+        raise ValueError(
+            f"--batch-size {cfg.rounds.batch_size} is above --max-batch {cfg.max_batch}, the "
+            "most samples one request may carry: lower it or raise --max-batch"
+        )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model = cfg.source.load(cfg.body)
@@ -230,10 +301,12 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> list[dict]:
         return result.accuracy, result.loss
 
     exporter = PrometheusExporter(cfg.metrics_port) if cfg.metrics_port else None
-    with broker_url(cfg.broker, out) as url:
-        topics_cfg = cfg.broker.client_config(url, cfg.client_id)
+    with broker_url(cfg.broker, out, cfg.body_workers, stop) as broker:
+        url = broker.url
+        assert url is not None
+        topics_cfg = broker.client_config(url, cfg.client_id)
         stopped = ServerStatus(device_id=BROADCAST, state="stopped", text="server gone")
-        client_cfg = cfg.broker.client_config(
+        client_cfg = broker.client_config(
             url,
             cfg.client_id,
             expect=expectations_for(manifest),

@@ -2,16 +2,24 @@
 
 Each exchange is an MQTT v5 request whose reply the server correlates; a lost message is sent
 again (the server answers a repeat from its reply cache, never computing twice), and an ERROR
-from the server (e.g. it restarted and lost the step) raises `RemoteError`.
+from the server (e.g. it restarted and lost the step) raises `RemoteError`. An ERROR `busy`
+(the server's queue or state is full for now) is retried as a new message, since the server
+answers a repeat of the refused one from its cache, with backoff for up to `busy_wait_s`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import time
+
 import numpy as np
 
-from sfprompt.protocol.errors import ProtocolError
-from sfprompt.protocol.messages import BodyOut, GradH, GradZ, Message, Smashed
+from sfprompt.protocol.errors import BUSY, ProtocolError, RemoteError
+from sfprompt.protocol.messages import BodyOut, GradH, GradZ, Message, Smashed, new_msg_id
 from sfprompt.protocol.mqtt_client import MqttClient
+
+log = logging.getLogger(__name__)
 
 
 class SplitLink:
@@ -25,6 +33,7 @@ class SplitLink:
         encoding: str = "fp32",
         timeout_s: float = 60.0,
         attempts: int = 3,
+        busy_wait_s: float = 60.0,
     ) -> None:
         self.client = client
         self.device_id = device_id
@@ -32,6 +41,7 @@ class SplitLink:
         self.encoding = encoding
         self.timeout_s = timeout_s
         self.attempts = attempts
+        self.busy_wait_s = busy_wait_s
         self.step = 0
 
     def forward(self, h: np.ndarray) -> np.ndarray:
@@ -63,13 +73,25 @@ class SplitLink:
 
     def _request(self, msg: Message, up: str, down: str) -> Message:
         topics = self.client.config.topics
-        reply = self.client.request(
-            topics.up(self.device_id, up),
-            msg,
-            topics.down(self.device_id, down),
-            self.timeout_s,
-            self.attempts,
-        )
+        give_up = time.monotonic() + self.busy_wait_s
+        delay = 0.1
+        while True:
+            try:
+                reply = self.client.request(
+                    topics.up(self.device_id, up),
+                    msg,
+                    topics.down(self.device_id, down),
+                    self.timeout_s,
+                    self.attempts,
+                )
+                break
+            except RemoteError as exc:
+                if getattr(exc.error, "code", None) != BUSY or time.monotonic() >= give_up:
+                    raise
+                log.debug("server busy with %s step %d; again in %.1fs", up, msg.step, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
+            msg = dataclasses.replace(msg, msg_id=new_msg_id())
         if reply.kind != down or reply.step != msg.step:
             raise ProtocolError(
                 "bad_field", "reply", f"{down} for step {msg.step}", f"{reply.kind} {reply.step}"

@@ -23,6 +23,7 @@ INTERNAL = "internal"  # the receiver failed for a reason of its own; the sender
 UNKNOWN_STEP = "unknown_step"  # GRAD_Z for a step the server never saw, already finished or expired
 REJECTED = "rejected"  # an UPDATE that is late, duplicate, for another round or not selected
 BUNDLE_MISMATCH = "bundle_mismatch"  # a JOIN whose bundle does not fit the server's model
+BUSY = "busy"  # a budget or queue of the receiver is full for now: send it again later
 
 CODES = frozenset(
     {
@@ -39,6 +40,7 @@ CODES = frozenset(
         UNKNOWN_STEP,
         REJECTED,
         BUNDLE_MISMATCH,
+        BUSY,
     }
 )
 

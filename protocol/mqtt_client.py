@@ -33,7 +33,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .chunking import CHUNK_OVERHEAD, Reassembler, split
 from .client_config import ClientConfig, Handler, Inbound
-from .codec import CONTENT_TYPE, decode, encode, error_for, peek
+from .codec import CONTENT_TYPE, Peek, decode, encode, error_for, peek
 from .dedup import CachedReply, ReplyCache, SeenIds
 from .errors import ProtocolError, RemoteError, RequestTimeout, TransportError
 from .messages import BROADCAST, Chunk, Error, Message
@@ -440,7 +440,9 @@ class MqttClient:
                 payload = self._reassemble(raw, self._reassembler)
             if payload is None:
                 return
-            key = self._key(payload)
+            head = peek(payload, self.config.limits)
+            key = (head.device_id, head.msg_id)
+            self._check_sender(raw.topic, head)  # before it is marked seen: no forged ids
             with self._seen_lock:
                 fresh = self._seen.add(key)
             if not fresh:
@@ -467,10 +469,11 @@ class MqttClient:
         except Exception as exc:
             log.exception("handler for %s failed", raw.topic)
             reply = error_for(exc, _device_of(message), message.msg_id, message.round, message.step)
-        if reply is not None and raw.response_topic is not None:
+        topic = self._reply_topic(raw.topic, raw.response_topic) if reply is not None else None
+        if reply is not None and topic is not None:
             packets = self.packets(reply)
-            self._replies.put(key, CachedReply(raw.response_topic, packets, raw.correlation))
-            self.publish_packets(raw.response_topic, packets, False, None, raw.correlation, None)
+            self._replies.put(key, CachedReply(topic, packets, raw.correlation))
+            self.publish_packets(topic, packets, False, None, raw.correlation, None)
 
     def _reassemble(self, raw: _Raw, reassembler: Reassembler) -> bytes | bytearray | None:
         """The whole payload of `raw`, or None while chunks of it are still missing."""
@@ -478,19 +481,37 @@ class MqttClient:
             return raw.payload
         chunk = decode(raw.payload, self.config.limits)
         assert isinstance(chunk, Chunk)
+        self._check_sender(raw.topic, chunk)  # sets are budgeted per device: it must be its own
         return reassembler.add(chunk)
 
     def respond(self, inbound: Inbound, reply: Message) -> None:
         """Answer a request later, from any thread: for handlers that return None and reply
         once the work is done (the server batches body calls across devices). A repeat of the
-        request is then answered from the reply cache, as for a handler's own return value."""
-        if inbound.response_topic is None:
+        request is then answered from the reply cache, as for a handler's own return value.
+        Only on the requester's own reply topic (see `_reply_topic`)."""
+        topic = self._reply_topic(inbound.topic, inbound.response_topic)
+        if topic is None:
             return
-        topic, correlation = inbound.response_topic, inbound.correlation
+        correlation = inbound.correlation
         packets = self.packets(reply)
         key = (inbound.message.device_id, inbound.message.msg_id)
         self._replies.put(key, CachedReply(topic, packets, correlation))
         self.publish_packets(topic, packets, False, None, correlation, None)
+
+    def _reply_topic(self, request_topic: str, response_topic: str | None) -> str | None:
+        """`response_topic` if a reply may go there, else None (logged): the requester chooses
+        it, so honouring any topic would make us publish where it may not (another device's
+        inbox, a broadcast). Only the requester's own mirror passes (`Topics.reply_allowed`)."""
+        if response_topic is None:
+            return None
+        if self.config.topics.reply_allowed(request_topic, response_topic):
+            return response_topic
+        log.warning(
+            "not answering a request on %s on %s: replies go only to the requester's own topics",
+            request_topic,
+            response_topic,
+        )
+        return None
 
     def _kind_of(self, topic: str) -> str:
         try:
@@ -503,7 +524,7 @@ class MqttClient:
         head = peek(payload, self.config.limits)
         return head.device_id, head.msg_id
 
-    def _check_sender(self, topic: str, message: Message) -> None:
+    def _check_sender(self, topic: str, message: Message | Peek) -> None:
         """On a device's own topics the broker vouches for the sender: the envelope must agree."""
         try:
             route = self.config.topics.parse(topic)
@@ -523,7 +544,7 @@ class MqttClient:
             head = None
         if head is not None and head.kind == Error.kind:
             return
-        topic = raw.response_topic or self._error_topic(raw.topic)
+        topic = self._reply_topic(raw.topic, raw.response_topic) or self._error_topic(raw.topic)
         if topic is None:
             return
         try:  # about whom: the device the topic names, else whoever the envelope claims
@@ -615,7 +636,8 @@ _PERMANENT_REFUSALS = frozenset({0x80, 0x82, 0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C,
 _REFUSAL_HINTS = {
     0x85: " (the client id is not allowed: with broker-config it must be the device's user)",
     0x86: " (check the user name and password: --username, --password-file)",
-    0x87: " (this user may not connect, or the client id is not its own)",
+    0x87: " (this user may not connect, or the client id is not its own: the device id "
+    "must be the device's broker user)",
     0x8A: " (the broker has banned this client)",
 }
 

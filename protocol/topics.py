@@ -96,6 +96,23 @@ class Topics:
         """The server (and its workers) read and write the whole tree."""
         return [("readwrite", f"{self.root}/#")]
 
+    def reply_allowed(self, request_topic: str, response_topic: str) -> bool:
+        """Whether a request that arrived on `request_topic` may be answered on `response_topic`.
+
+        The requester picks the response topic (MQTT v5), and the answering side may publish
+        where the requester may not; so only the requester's own mirror is allowed: a request on
+        a device's up-tree is answered on that device's down-tree (and the other way round).
+        """
+        try:
+            request, reply = self.parse(request_topic), self.parse(response_topic)
+        except ValueError:
+            return False
+        if request.area != "dev" or reply.area != "dev" or reply.device_id != request.device_id:
+            return False
+        if request.direction == "up":
+            return reply.direction == "down" and reply.kind in DOWN_KINDS
+        return reply.direction == "up" and reply.kind in UP_KINDS
+
     def parse(self, topic: str) -> Route:
         """Inverse of the builders; raises ValueError for topics outside this tree."""
         prefix = self.root + "/"

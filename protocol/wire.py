@@ -40,6 +40,38 @@ class Limits:
     max_header_bytes: int = 1 << 20
     max_tensors: int = 4096
     max_ndim: int = 8
+    # Chunk reassembly (chunking.py): a set costs its buffer plus its bookkeeping.
+    max_reassembly_bytes: int | None = None  # every open set; None: two devices' shares
+    max_device_reassembly_bytes: int | None = None  # one device's sets; None: one whole message
+    max_device_chunk_sets: int = 16  # sets one device may have open at once
+
+    def __post_init__(self) -> None:
+        for name in ("max_payload_bytes", "max_header_bytes", "max_tensors", "max_ndim"):
+            _check_positive(name, getattr(self, name))
+        _check_positive("max_device_chunk_sets", self.max_device_chunk_sets)
+        for name in ("max_reassembly_bytes", "max_device_reassembly_bytes"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
+
+    @property
+    def device_reassembly_bytes(self) -> int:
+        """One device's share: by default one message of the largest size, with the worst-case
+        bookkeeping of one-byte chunks (a bit per chunk) and some slack."""
+        if self.max_device_reassembly_bytes is not None:
+            return self.max_device_reassembly_bytes
+        return self.max_payload_bytes + self.max_payload_bytes // 8 + (64 << 10)
+
+    @property
+    def reassembly_bytes(self) -> int:
+        """The budget for all devices' sets together."""
+        if self.max_reassembly_bytes is not None:
+            return self.max_reassembly_bytes
+        return 2 * self.device_reassembly_bytes
+
+
+def _check_positive(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"Limits.{name} must be a positive int, got {value!r}")
 
 
 DEFAULT_LIMITS = Limits()

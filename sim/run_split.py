@@ -1,7 +1,9 @@
 """Run one split method as a real federation on this machine and read back what it measured.
 
 An embedded Mosquitto, one `sfprompt-cloud serve` process and one `sfprompt-edge start` process
-per device (with torch made unloadable, as on a Raspberry Pi), all on loopback. SFPrompt and its
+per device (with torch made unloadable, as on a Raspberry Pi), all on loopback. The broker admits
+only these processes, each with a password made for this run and confined to its own topics, as
+the server's own embedded broker does. SFPrompt and its
 ablations differ only in the server's phase settings; SFL+Linear uses a bundle without prompts
 and neither pruning nor the local phase. Bytes are what crossed the wire; device memory is the
 peak RSS each device measured with psutil; FLOPs are counted from the model's shape.
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from timm.models.vision_transformer import VisionTransformer
 
+from sfprompt.cloud_server.broker_access import FleetAccess, fleet_passwords
 from sfprompt.cloud_server.metrics import MetricsLog
 from sfprompt.export.split_vit import Cut
 from sfprompt.protocol.broker import EmbeddedBroker
@@ -99,12 +102,17 @@ def run_split_method(
     out.mkdir(parents=True)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
-    with EmbeddedBroker(out / "broker") as broker:
+    ids = [f"device-{i:03d}" for i in range(len(shards))]
+    clients = out / "broker" / "clients"  # one password per process, made for this run
+    fleet = FleetAccess((SERVER_USER,), tuple(ids), fleet_passwords(clients, [SERVER_USER, *ids]))
+    with EmbeddedBroker(out / "broker", access=fleet.write) as broker:
         broker.start()
-        server = _server(broker.url, server_bundle, test, settings, len(shards), out, logs)
+        server = _server(
+            _Login(broker.url, SERVER_USER, clients), server_bundle, test, settings, len(ids), out
+        )
         devices = [
-            _device(broker.url, device_bundle, shard, f"device-{i:03d}", logs)
-            for i, shard in enumerate(shards)
+            _device(_Login(broker.url, device_id, clients), device_bundle, shard, logs)
+            for device_id, shard in zip(ids, shards, strict=True)
         ]
         finished = False
         try:
@@ -122,10 +130,27 @@ def run_split_method(
     return _result(method, len(shards), lines, settings, costs)
 
 
-def _server(url, bundle, test, s: SplitSettings, devices: int, out: Path, logs: Path):
+SERVER_USER = "server"
+
+
+@dataclass(frozen=True)
+class _Login:
+    """Where a process connects and as whom (its password file is clients/<user>/password)."""
+
+    url: str
+    user: str
+    clients: Path
+
+    def args(self) -> list[str]:
+        password = self.clients / self.user / "password"
+        return ["--broker", self.url, "--username", self.user, "--password-file", str(password)]
+
+
+def _server(login: _Login, bundle, test, s: SplitSettings, devices: int, out: Path):
+    logs = out / "logs"
     args = [
         str(BIN / "sfprompt-cloud"), "serve", "--no-progress", "-v",
-        "--bundle", str(bundle), "--broker", url, "--out", str(out / "server"),
+        "--bundle", str(bundle), *login.args(), "--out", str(out / "server"),
         "--test-data", str(test), "--eval-samples", "100000",
         "--rounds", str(s.rounds), "--min-devices", str(devices), "--fraction", str(s.fraction),
         "--keep-ratio", str(s.keep_ratio), "--prune", s.prune,
@@ -138,12 +163,12 @@ def _server(url, bundle, test, s: SplitSettings, devices: int, out: Path, logs: 
     return subprocess.Popen(args, stdout=open(logs / "server.log", "wb"), stderr=subprocess.STDOUT)
 
 
-def _device(url: str, bundle: Path, shard: Path, device_id: str, logs: Path):
+def _device(login: _Login, bundle: Path, shard: Path, logs: Path):
     args = [
         sys.executable, "-c", NO_TORCH, "--bundle", str(bundle), "--data", str(shard),
-        "--broker", url, "--device-id", device_id, "--leave-when-server-stops", "--threads", "1",
+        *login.args(), "--device-id", login.user, "--leave-when-server-stops", "--threads", "1",
     ]  # fmt: skip
-    log = logs / f"{device_id}.log"
+    log = logs / f"{login.user}.log"
     return subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 
 

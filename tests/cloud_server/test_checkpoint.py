@@ -225,3 +225,41 @@ def test_sigkill_at_random_moments_leaves_a_complete_checkpoint(tmp_path: Path) 
     assert mid_write >= 3, f"only {mid_write} of {kills} kills landed during a write"
     save_checkpoint(path, Checkpoint(last + 1, {}, [], {}, "fp"))  # a restart cleans up temps
     assert list(tmp_path.glob(temps)) == []
+
+
+def test_strikes_and_exclusions_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "server.safetensors"
+    original = _checkpoint()
+    original.strikes, original.excluded = {"cam-02": 2}, ["evil"]
+    save_checkpoint(path, original)
+    back = load_checkpoint(path)
+    assert back is not None and back.strikes == {"cam-02": 2} and back.excluded == ["evil"]
+
+
+def test_checkpoint_without_strikes_loads_with_none(tmp_path: Path) -> None:
+    """Checkpoints written before robust aggregation lack the fields: nobody is excluded."""
+    path = tmp_path / "server.safetensors"
+    meta = {"format": "sfprompt.checkpoint/1", "round": 2, "history": [], "rng_state": {}}
+    _write_raw(path, {"sfprompt.checkpoint": json.dumps({**meta, "fingerprint": "x"})})
+    back = load_checkpoint(path)
+    assert back is not None and back.strikes == {} and back.excluded == []
+    bad = {**meta, "fingerprint": "x", "strikes": {"a": -1}}
+    _write_raw(path, {"sfprompt.checkpoint": json.dumps(bad)})
+    with pytest.raises(CheckpointError, match="strikes must map device ids to counts"):
+        load_checkpoint(path)
+
+
+def test_a_non_finite_model_is_never_saved_nor_resumed(tmp_path: Path) -> None:
+    """A NaN model saved would poison every restart: refused on both sides, naming the key."""
+    path = tmp_path / "server.safetensors"
+    poisoned = _checkpoint()
+    poisoned.params["prompt.tokens"] = np.full((1, 10, 16), np.nan, np.float32)
+    with pytest.raises(ValueError, match="prompt.tokens of round 4 is not finite"):
+        save_checkpoint(path, poisoned)
+    assert not path.exists()
+    meta = {"format": "sfprompt.checkpoint/1", "round": 2, "history": [], "rng_state": {}}
+    tensors = {"prompt.tokens": np.array([[1.0, np.inf]], np.float32)}
+    text = json.dumps({**meta, "fingerprint": "x"})
+    path.write_bytes(safetensors.numpy.save(tensors, metadata={"sfprompt.checkpoint": text}))
+    with pytest.raises(CheckpointError, match=r"parameters \['prompt.tokens'\] hold NaN or Inf"):
+        load_checkpoint(path)

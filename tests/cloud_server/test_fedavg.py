@@ -150,7 +150,7 @@ def test_check_update_accepts_a_good_update() -> None:
 def test_unknown_reason_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="unknown rejection reason"):
         UpdateRejected("bad_vibes", "x")
-    assert len(REASONS) == 9
+    assert len(REASONS) == 10
 
 
 def _inbox(selected: set[str], seconds: float = 10.0) -> RoundInbox:

@@ -143,3 +143,28 @@ def test_prometheus_endpoint_serves_observed_values() -> None:
         other.close()
     with pytest.raises(urllib.error.URLError):
         _scrape(exporter.port)
+
+
+def test_robust_aggregation_fields_round_trip_and_default_for_old_records() -> None:
+    m = _metrics()
+    m.aggregation, m.model_refused, m.excluded = "trimmed-mean", "its norm grew", ["evil"]
+    assert RoundMetrics.from_dict(m.to_dict()) == m
+    old = _metrics().to_dict()
+    for name in ("aggregation", "model_refused", "excluded"):
+        del old[name]  # a log written before robust aggregation
+    back = RoundMetrics.from_dict(old)
+    assert (back.aggregation, back.model_refused, back.excluded) == ("", "", [])
+
+
+def test_prometheus_counts_refused_models_and_excluded_devices() -> None:
+    exporter = PrometheusExporter(0)
+    try:
+        refused = _metrics(1)
+        refused.model_refused, refused.excluded = "prompt.tokens is not finite", ["evil"]
+        exporter.observe(refused)
+        exporter.observe(_metrics(2))
+        values = _scrape(exporter.port)
+        assert values[("sfprompt_models_refused_total", ())] == 1
+        assert values[("sfprompt_devices_excluded", ())] == 0  # the latest round's list
+    finally:
+        exporter.close()

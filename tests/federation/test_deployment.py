@@ -53,6 +53,13 @@ def edge(*args: str, log: Path, prefix: tuple[str, ...] = ()) -> subprocess.Pope
     )
 
 
+def login(device_id: str, out: Path) -> tuple[str, ...]:
+    """What a device adds to log in to serve's embedded broker (a copy of its password file
+    on a real device)."""
+    password = out / "broker" / "clients" / device_id / "password"
+    return ("--username", device_id, "--password-file", str(password))
+
+
 def text(log: Path) -> str:
     return log.read_text(errors="replace") if log.exists() else ""
 
@@ -68,7 +75,7 @@ def test_restarted_server_comes_back_on_its_address_and_devices_rejoin(small_exp
     out = tmp_path / "server"
     args = (
         "--bundle", str(small_export.server_dir), "--out", str(out), "--rounds", "3",
-        "--min-devices", "1", "--round-timeout", "60", *COMMON,
+        "--min-devices", "1", "--round-timeout", "60", "--devices", "pi-1", *COMMON,
     )  # fmt: skip
     server = serve(*args, log=tmp_path / "server1.log")
     device = None
@@ -80,7 +87,7 @@ def test_restarted_server_comes_back_on_its_address_and_devices_rejoin(small_exp
         device = edge(
             "--bundle", str(small_export.device_dir), "--data", str(shard), "--broker", url,
             "--device-id", "pi-1", "--request-timeout", "15", "--leave-when-server-stops",
-            log=tmp_path / "pi-1.log",
+            *login("pi-1", out), log=tmp_path / "pi-1.log",
         )  # fmt: skip
         wait_for(lambda: len(metrics_lines(out / "metrics.jsonl")) >= 1, 120, "round 1")
         server.send_signal(signal.SIGKILL)
@@ -110,7 +117,7 @@ def test_a_taken_port_is_refused_by_name(small_export, tmp_path):
     try:
         server = serve(
             "--bundle", str(small_export.server_dir), "--out", str(tmp_path / "s"),
-            "--listen", f"127.0.0.1:{port}", log=tmp_path / "server.log",
+            "--listen", f"127.0.0.1:{port}", "--devices", "pi-1", log=tmp_path / "server.log",
         )  # fmt: skip
         code = finish(server, 120, tmp_path / "server.log")
     finally:
@@ -139,7 +146,7 @@ def test_device_stops_at_once_on_what_retrying_cannot_heal(small_export, tmp_pat
     files = write_broker_config(
         BrokerConfigOptions(
             out=tmp_path / "broker", devices=("pi-1",), port=port, bind="127.0.0.1",
-            run_as=getpass.getuser(),
+            run_as=getpass.getuser(), identity="password",
         )
     )  # fmt: skip
     client = tmp_path / "broker" / "clients" / "pi-1"
@@ -236,6 +243,7 @@ def test_readme_fleet_runs_as_written_across_machines(small_export, tmp_path, ma
     server = serve(
         "--bundle", str(small_export.server_dir), "--test-data", str(tmp_path / "data/test.npz"),
         "--rounds", "2", "--min-devices", "2", "--listen", "0.0.0.0:1883", "--out", str(out),
+        "--devices", "pi-1,pi-2",
         *COMMON, log=tmp_path / "server.log", prefix=machines.prefix("server"),
     )  # fmt: skip
     fleet = []
@@ -252,6 +260,7 @@ def test_readme_fleet_runs_as_written_across_machines(small_export, tmp_path, ma
                     "mqtt://server:1883",
                     "--device-id",
                     f"pi-{i}",
+                    *login(f"pi-{i}", out),
                     "--leave-when-server-stops",
                     log=tmp_path / f"pi-{i}.log",
                     prefix=machines.prefix(f"pi-{i}"),

@@ -18,7 +18,7 @@ from sfprompt.protocol.broker import EmbeddedBroker
 from sfprompt.protocol.client_config import Inbound, connection_config
 from sfprompt.protocol.codec import expectations_for
 from sfprompt.protocol.errors import RemoteError, RequestTimeout
-from sfprompt.protocol.messages import Error, GradZ, Join, Smashed, Task, Update
+from sfprompt.protocol.messages import Error, GradZ, Join, Presence, Smashed, Task, Update
 from sfprompt.protocol.mqtt_client import MqttClient
 from tests.federation.harness import eager_split, finish, start_server, stop_all, write_shards
 
@@ -84,6 +84,8 @@ def run_probe(export, url: str) -> tuple[Task, list[Error]]:
 
 def join(client: MqttClient, manifest) -> None:
     topics = client.config.topics
+    online = Presence(device_id=ID, online=True)  # as a device does: a JOIN alone is not online
+    client.publish(topics.presence(ID), online, retain=True)
     message = Join(device_id=ID, bundle_hash=manifest.contract_hash(), runtime={}, hardware={})
     for _ in range(60):
         try:

@@ -61,6 +61,7 @@ def secured(
         bind="127.0.0.1",
         run_as=getpass.getuser(),
         access=access,
+        identity="password",  # user = password's; test_identity.py covers certificate identity
     )
     files = write_broker_config(options, use_tool=hasher != "python-hash")
     with BrokerProcess(files.config, [port]) as broker:
