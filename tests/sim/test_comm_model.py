@@ -183,6 +183,7 @@ def test_sfl_split_bytes_are_the_simulators_own_count() -> None:
 def update_maps(record: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
     """The UPDATE's metrics and memory maps, back from what the server recorded of it."""
     server_side = {"samples", "bytes_up_update", "bytes_down_task"}
+    server_side |= {"update_norm", "weight", "clipped"}  # what aggregation measured of it
     metrics = {k: v for k, v in record.items() if k in UPDATE_METRICS}
     memory = {k: v for k, v in record.items() if k not in server_side and k not in metrics}
     return metrics, memory
