@@ -37,9 +37,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 
+# The checkout itself resolves `sfprompt.<part>` (committed links), so the tools read the source.
 lint: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q tests/test_packaging.py -k import_contracts
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy sfprompt/protocol sfprompt/edge_client
 
 clean:
 	rm -rf $(VENV) runs
