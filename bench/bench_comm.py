@@ -48,9 +48,9 @@ from sfprompt.sim.comm_model import (
     sfl_weights_bytes,
     typical_settings,
 )
+from sfprompt.units import MB
 
 PAPER_RATIO = 0.47  # SFPrompt / FL full fine-tuning, ViT-Base (the paper's communication figure)
-MB = 1e6
 
 
 def csv(kind: type, text: str) -> list[Any]:

@@ -3,7 +3,7 @@
     python bench/bench_protocol.py [--quick]
 
 Prints (rich tables):
-  1. bytes on the wire / tensor bytes for fp32 SMASHED payloads (goal <= 1.01 at >= 1 MB);
+  1. bytes on the wire / tensor bytes for fp32 SMASHED payloads (goal <= 1.01 at >= 1 MiB);
   2. per encoding: bytes vs fp32 and the error it adds (max abs, relative RMS) on N(0, 1) data;
   3. encode and decode throughput per encoding;
   4. round trips SMASHED -> BODY_OUT (same size) through a private loopback Mosquitto with the
@@ -36,8 +36,8 @@ from sfprompt.protocol.codec import decode, encode
 from sfprompt.protocol.messages import ENCODINGS, BodyOut, Message, Smashed
 from sfprompt.protocol.mqtt_client import MqttClient
 from sfprompt.protocol.topics import Topics
+from sfprompt.units import MIB
 
-MB = 1 << 20
 T = Topics()
 
 
@@ -58,19 +58,19 @@ def best_time(fn: Callable[[], object], repeat: int) -> float:
 
 def wire_overhead(console: Console, sizes: list[int]) -> None:
     table = Table(
-        title="1. fp32 SMASHED: bytes on the wire / tensor bytes (goal <= 1.01 at >= 1 MB)"
+        title="1. fp32 SMASHED: bytes on the wire / tensor bytes (goal <= 1.01 at >= 1 MiB)"
     )
     for column in ("tensor", "wire bytes", "ratio"):
         table.add_column(column, justify="right")
     for size in sizes:
         h = activation(size)
         wire = len(encode(Smashed(device_id="cam-01", h=h)))
-        table.add_row(f"{h.nbytes / MB:.3f} MB", f"{wire:,}", f"{wire / h.nbytes:.5f}")
+        table.add_row(f"{h.nbytes / MIB:.3f} MiB", f"{wire:,}", f"{wire / h.nbytes:.5f}")
     console.print(table)
 
 
 def encoding_error(console: Console, size: int) -> None:
-    table = Table(title=f"2. Encodings on N(0,1) activations ({size // MB} MB fp32)")
+    table = Table(title=f"2. Encodings on N(0,1) activations ({size // MIB} MiB fp32)")
     for column in ("encoding", "bytes / fp32", "max abs error", "relative RMS error"):
         table.add_column(column, justify="right")
     h = activation(size)
@@ -87,7 +87,7 @@ def encoding_error(console: Console, size: int) -> None:
 
 
 def codec_speed(console: Console, size: int, repeat: int) -> None:
-    table = Table(title=f"3. Codec throughput, {size // MB} MB fp32 tensor (GB/s of fp32 data)")
+    table = Table(title=f"3. Codec throughput, {size // MIB} MiB fp32 tensor (GB/s of fp32 data)")
     for column in ("encoding", "encode", "decode"):
         table.add_column(column, justify="right")
     h = activation(size)
@@ -120,7 +120,7 @@ def serve_echo(port: int, mode: str, ready: Event, stop: Event) -> None:
         m = inbound.message
         return BodyOut(device_id=m.device_id, step=m.step, z=m.h)  # type: ignore[union-attr]
 
-    server = MqttClient(ClientConfig("server", "127.0.0.1", port, max_chunk_bytes=256 * MB))
+    server = MqttClient(ClientConfig("server", "127.0.0.1", port, max_chunk_bytes=256 * MIB))
     server.subscribe(T.all_up(), body, inline=True)  # as the body service does
     server.connect()
     ready.set()
@@ -159,7 +159,7 @@ def run_device(port: int, mode: str, h: np.ndarray, count: int, seconds: Any) ->
 
 
 def _sfprompt_device(port: int, h: np.ndarray, count: int) -> float:
-    device = MqttClient(ClientConfig("cam-01", "127.0.0.1", port, max_chunk_bytes=256 * MB))
+    device = MqttClient(ClientConfig("cam-01", "127.0.0.1", port, max_chunk_bytes=256 * MIB))
     device.subscribe(T.device_inbox("cam-01"), lambda inbound: None)
     device.connect()
     try:
@@ -200,25 +200,25 @@ def broker_round_trips(console: Console, sizes: list[int], trials: int) -> None:
     hits both alike, after one untimed run of each (the first run on a fresh broker is
     faster than all later ones, whichever client makes it); the ratio is the median over
     pairs, with the range it spread over."""
-    table = Table(title="4. Round trips via loopback Mosquitto (MB/s of tensor data, both ways)")
+    table = Table(title="4. Round trips via loopback Mosquitto (MiB/s of tensor data, both ways)")
     for column in ("tensor", "round trips", "raw paho", "sfprompt", "ratio (goal >= 0.9)", "range"):
         table.add_column(column, justify="right")
     with EmbeddedBroker() as broker:
         for mode in ("raw", "sfprompt"):
-            round_trips(broker.port, mode, activation(MB), 64)
+            round_trips(broker.port, mode, activation(MIB), 64)
         for size in sizes:
             h = activation(size)
-            count = max(8, int(192 * MB / max(size, MB)))
+            count = max(8, int(192 * MIB / max(size, MIB)))
             raw, ours = [], []
             for trial in range(trials):
                 order = ("raw", "sfprompt") if trial % 2 == 0 else ("sfprompt", "raw")
                 seconds = {mode: round_trips(broker.port, mode, h, count) for mode in order}
                 raw.append(seconds["raw"])
                 ours.append(seconds["sfprompt"])
-            moved = 2 * count * h.nbytes / MB
+            moved = 2 * count * h.nbytes / MIB
             ratios = sorted(r / o for r, o in zip(raw, ours, strict=True))
             table.add_row(
-                f"{h.nbytes / MB:.2f} MB",
+                f"{h.nbytes / MIB:.2f} MiB",
                 str(count),
                 f"{moved / statistics.median(raw):.0f}",
                 f"{moved / statistics.median(ours):.0f}",
@@ -233,10 +233,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer sizes and trials")
     args = parser.parse_args()
     console = Console()
-    wire_overhead(console, [1024, 64 * 1024, MB, 16 * MB, 64 * MB])
-    encoding_error(console, 4 * MB)
-    codec_speed(console, 16 * MB, 3 if args.quick else 5)
-    sizes = [MB, 16 * MB] if args.quick else [MB, 4 * MB, 16 * MB]
+    wire_overhead(console, [1024, 64 * 1024, MIB, 16 * MIB, 64 * MIB])
+    encoding_error(console, 4 * MIB)
+    codec_speed(console, 16 * MIB, 3 if args.quick else 5)
+    sizes = [MIB, 16 * MIB] if args.quick else [MIB, 4 * MIB, 16 * MIB]
     broker_round_trips(console, sizes, 2 if args.quick else 8)
 
 

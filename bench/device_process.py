@@ -23,7 +23,7 @@ from sfprompt.edge_client.memory import MemoryProfiler
 def onnx_steps(bundle: str, batch: int, steps: int, threads: int) -> list[float]:
     from sfprompt.edge_client.local_step import local_step
     from sfprompt.edge_client.onnx_runtime import OnnxDeviceRuntime
-    from sfprompt.edge_client.profile import synthetic_batch
+    from sfprompt.edge_client.runtime import synthetic_batch
 
     rt = OnnxDeviceRuntime(bundle, threads=threads)
     params = rt.initial_parameters()

@@ -38,6 +38,7 @@ from sfprompt.protocol.errors import (
 )
 from sfprompt.protocol.messages import Error, Join, Message, Presence, ServerStatus, Task, Update
 from sfprompt.protocol.mqtt_client import MqttClient
+from sfprompt.units import MB
 
 from .hardware import hardware_profile, runtime_versions
 from .memory import MemoryProfiler
@@ -367,15 +368,15 @@ class EdgeDevice:
         client.publish_packets(client.config.topics.up(cfg.device_id, "update"), packets)
         log.info(
             "round %d done in %.1fs: kept %d/%d, local loss %.4f, split loss %.4f, "
-            "%.2f MB up / %.2f MB down, peak RSS %.0f MB",
+            "%.2f MB up / %.2f MB down, peak RSS %.0f MiB",
             task.round,
             time.monotonic() - started,
             len(local.kept),
             len(self.data),
             local.loss,
             split.loss,
-            metrics.get("bytes_up_split", 0.0) / 1e6,
-            metrics.get("bytes_down_split", 0.0) / 1e6,
+            metrics.get("bytes_up_split", 0.0) / MB,
+            metrics.get("bytes_down_split", 0.0) / MB,
             memory["peak_rss_mb"],
         )
         return update

@@ -8,6 +8,8 @@ from importlib import metadata
 
 import psutil
 
+from sfprompt.units import MIB
+
 
 def hardware_profile() -> dict[str, float | str | bool]:
     memory = psutil.virtual_memory()
@@ -18,8 +20,8 @@ def hardware_profile() -> dict[str, float | str | bool]:
         "cpu_count": float(psutil.cpu_count(logical=True) or 0),
         "cpu_physical": float(psutil.cpu_count(logical=False) or 0),
         "cpu_mhz": float(freq.max or freq.current) if freq else 0.0,
-        "memory_total_mb": memory.total / 2**20,
-        "memory_available_mb": memory.available / 2**20,
+        "memory_total_mb": memory.total / MIB,
+        "memory_available_mb": memory.available / MIB,
     }
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import psutil
 
-MB = 2**20
+from sfprompt.units import MIB
 
 
 @dataclass
@@ -68,7 +68,7 @@ class MemoryProfiler:
         self._thread.join()
 
     def _record(self) -> None:
-        rss = self._process.memory_info().rss / MB
+        rss = self._process.memory_info().rss / MIB
         stats = self.profile.phases.get(self._phase)
         if stats is not None:
             stats.peak_rss_mb = max(stats.peak_rss_mb, rss)
@@ -91,5 +91,5 @@ class MemoryProfiler:
             stats.seconds += time.perf_counter() - t0
             stats.cpu_seconds += (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
             stats.calls += 1
-            stats.uss_mb = max(stats.uss_mb, self._process.memory_full_info().uss / MB)
+            stats.uss_mb = max(stats.uss_mb, self._process.memory_full_info().uss / MIB)
             self._phase = previous

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sfprompt.protocol.bundle import load_manifest
+from sfprompt.units import MIB
 
 from .runtime import RUNTIMES
 
-MB = 2**20
 CANDIDATES = (16, 8, 4, 2, 1)  # tried besides the batch itself, where they are smaller
 CHILD_MODULE = "sfprompt.edge_client.memory_budget"
 
@@ -172,7 +172,7 @@ def peak_rss_mb() -> float | None:
         with open("/proc/self/status") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024 / MB
+                    return int(line.split()[1]) * 1024 / MIB
     except OSError:
         pass
     return None
@@ -184,15 +184,14 @@ def _child(bundle: str, kind: str, batch: int, micro_batch: int, threads: int, s
 
     from .local_step import local_step
     from .memory import MemoryProfiler
-    from .profile import synthetic_batch
-    from .runtime import open_runtime
+    from .runtime import open_runtime, synthetic_batch
 
     # A sampler only where the kernel keeps no high-water mark (not Linux): it costs time.
     sampler = MemoryProfiler(interval_s=0.002) if peak_rss_mb() is None else None
     times = []
     with sampler or contextlib.nullcontext():
         runtime = open_runtime(bundle, kind, threads or None, micro_batch)
-        opened_mb = psutil.Process().memory_info().rss / MB
+        opened_mb = psutil.Process().memory_info().rss / MIB
         params = runtime.initial_parameters()
         images, labels = synthetic_batch(runtime, batch)
         weight = np.ones(batch, dtype=np.float32)

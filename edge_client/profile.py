@@ -20,7 +20,7 @@ import numpy as np
 from .local_step import local_step
 from .memory import MemoryProfile, MemoryProfiler
 from .memory_budget import MicroBatchChoice, choose_micro_batch
-from .runtime import RUNTIMES, DeviceRuntime, open_runtime
+from .runtime import RUNTIMES, open_runtime, synthetic_batch
 
 
 @dataclass(frozen=True)
@@ -56,15 +56,6 @@ class ProfileResult(MemoryProfile):
             "budget": budget,
             **super().to_dict(),
         }
-
-
-def synthetic_batch(runtime: DeviceRuntime, batch: int, seed: int = 0):
-    """Random images and labels of the bundle's input size."""
-    rng = np.random.default_rng(seed)
-    channels, height, width = runtime.manifest.preprocess["input_size"]
-    images = rng.standard_normal((batch, channels, height, width), dtype=np.float32)
-    labels = rng.integers(0, runtime.manifest.num_classes, batch).astype(np.int64)
-    return images, labels
 
 
 def run_profile(cfg: ProfileConfig) -> ProfileResult:

@@ -51,3 +51,14 @@ def open_runtime(
 
         return TorchScriptDeviceRuntime(bundle, threads, micro_batch)
     raise ValueError(f"unknown runtime {kind!r}: choose one of {', '.join(RUNTIMES)}")
+
+
+def synthetic_batch(
+    runtime: DeviceRuntime, batch: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random images and labels of the bundle's input size: what profiling and sizing run on."""
+    rng = np.random.default_rng(seed)
+    channels, height, width = runtime.manifest.preprocess["input_size"]
+    images = rng.standard_normal((batch, channels, height, width), dtype=np.float32)
+    labels = rng.integers(0, runtime.manifest.num_classes, batch).astype(np.int64)
+    return images, labels

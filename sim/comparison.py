@@ -20,8 +20,9 @@ from matplotlib.ticker import MaxNLocator
 from rich.console import Console
 from rich.table import Table
 
+from sfprompt.units import MB
+
 from .ceilings import Ceiling
-from .report import MB
 from .results import LABELS, MethodResult
 
 

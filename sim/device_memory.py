@@ -41,11 +41,11 @@ from timm.models.vision_transformer import VisionTransformer
 
 from sfprompt.export.model_loading import create_vit
 from sfprompt.export.split_vit import Cut
+from sfprompt.units import MIB
 
 CHILD_MODULE = "sfprompt.sim.device_memory"
 MAX_BATCHES = 4  # the peak comes at the second step (weights, gradients, momentum, activations)
 SAMPLE_INTERVAL_S = 0.02  # as edge_client/device.py samples its rounds
-MB = 2**20
 Step = Callable[[torch.Tensor, torch.Tensor], None]  # one batch: forward and backward
 
 
@@ -291,8 +291,8 @@ def play_device(job: DeviceJob) -> DeviceMemory:
         method=job.method,
         peak_rss_mb=profiler.profile.peak_rss_mb,
         batches=count,
-        held_mb=sum(t.numel() * t.element_size() for t in held.values()) / MB,
-        trained_mb=sum(t.numel() * t.element_size() for t in trained) / MB,
+        held_mb=sum(t.numel() * t.element_size() for t in held.values()) / MIB,
+        trained_mb=sum(t.numel() * t.element_size() for t in trained) / MIB,
     )
 
 

@@ -104,6 +104,7 @@ def run_simulation(cfg: SimConfig, say: Progress = print) -> SimOutcome:
     """Every method over `cfg.seeds` seeds in every partition, the ceilings, the clients sweep
     (first partition and seed), then the report."""
     from . import baselines, comparison, datasets, partition, report
+    from .run_baseline import run_baseline
     from .run_split import CostModel, SplitSettings, method_settings, run_split_method
 
     out = Path(cfg.out)
@@ -177,7 +178,7 @@ def run_simulation(cfg: SimConfig, say: Progress = print) -> SimOutcome:
                 if first and method in ("sfprompt", "sfl_linear"):
                     features.append(split_features(method, bundle, run_dir, data))
             else:
-                result, feats = baselines.run_baseline(
+                result, feats = run_baseline(
                     method, build_model, preprocess, shards, test_pair,
                     replace(baseline_cfg, seed=seed),
                     cut if method != "sfl" else replace(cut, prompts=0), progress=say,

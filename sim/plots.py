@@ -15,8 +15,9 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from .report import MB, fmt_number
-from .results import METHODS, MethodResult
+from sfprompt.units import MB
+
+from .results import METHODS, MethodResult, fmt_number
 
 MARKERS = "osD^vPX*"
 

@@ -20,10 +20,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from .results import Features, MethodResult, RoundRecord, save_results
+from sfprompt.units import MB
+
+from .plots import plot_accuracy, plot_bars, plot_clients_sweep
+from .results import Features, MethodResult, RoundRecord, fmt_number, save_results
 from .tsne import tsne_panels
 
-MB = 1e6
 GFLOP = 1e9
 # RoundRecord.measured keys behind each costed column; a False there marks the value estimated.
 MEASURED_KEYS = {
@@ -131,20 +133,6 @@ def summary_table(results: Sequence[MethodResult]) -> list[dict[str, Any]]:
 
 def _scaled(value: float | None, unit: float) -> float | None:
     return None if value is None else value / unit
-
-
-def fmt_number(value: float | None) -> str:
-    """Three significant figures or so, without scientific notation for everyday sizes."""
-    if value is None or not math.isfinite(value):
-        return "n/a"
-    size = abs(value)
-    if size >= 100:
-        return f"{value:,.0f}"
-    if size >= 10:
-        return f"{value:.1f}"
-    if size >= 0.1 or size == 0:
-        return f"{value:.2f}"
-    return f"{value:.2g}"
 
 
 def fmt_ratio(value: float | None) -> str:
@@ -340,7 +328,6 @@ def write_report(
     clients_sweep.png only when `sweep` is given, tsne.png only when `features` are.
     Raises ValueError for results the summary cannot compare (see `summary_table`).
     """
-    from .plots import plot_accuracy, plot_bars, plot_clients_sweep  # plots import this module
 
     rows = summary_table(results)
     for run in (sweep or {}).values():

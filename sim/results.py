@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,3 +102,17 @@ def save_results(results: list[MethodResult], path: Path) -> None:
 
 def load_results(path: Path) -> list[MethodResult]:
     return [MethodResult.from_dict(d) for d in json.loads(path.read_text())]
+
+
+def fmt_number(value: float | None) -> str:
+    """Three significant figures or so, without scientific notation for everyday sizes."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    size = abs(value)
+    if size >= 100:
+        return f"{value:,.0f}"
+    if size >= 10:
+        return f"{value:.1f}"
+    if size >= 0.1 or size == 0:
+        return f"{value:.2f}"
+    return f"{value:.2g}"

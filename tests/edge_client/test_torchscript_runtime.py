@@ -10,8 +10,7 @@ import pytest
 
 from sfprompt.edge_client.local_step import local_step
 from sfprompt.edge_client.onnx_runtime import OnnxDeviceRuntime
-from sfprompt.edge_client.profile import synthetic_batch
-from sfprompt.edge_client.runtime import open_runtime
+from sfprompt.edge_client.runtime import open_runtime, synthetic_batch
 from sfprompt.edge_client.tail_input import select
 from sfprompt.edge_client.torchscript_runtime import TorchScriptDeviceRuntime
 from sfprompt.export.split_vit import PROMPT_KEY

@@ -20,12 +20,12 @@ from sfprompt.sim.baselines import (
     BaselineConfig,
     FlRun,
     evaluate,
-    run_baseline,
     to_tensors,
     untuned_features,
 )
 from sfprompt.sim.costs import round_minutes
 from sfprompt.sim.device_memory import ModelSpec
+from sfprompt.sim.run_baseline import run_baseline
 from sfprompt.sim.sfl import SflRun
 
 TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}

@@ -12,8 +12,9 @@ import sys
 import pytest
 
 from sfprompt.export.bundle_writer import preprocess_config
-from sfprompt.sim.baselines import MEMORY_NOTE, BaselineConfig, run_baseline
+from sfprompt.sim.baselines import BaselineConfig
 from sfprompt.sim.device_memory import DeviceMemory, ModelSpec, measure_device_memory
+from sfprompt.sim.run_baseline import MEMORY_NOTE, run_baseline
 from tests.sim.test_baselines import CLASSES, CUT, PREPROCESS, TINY, digits_like
 
 SPEC = ModelSpec("vit_tiny_patch16_224", CLASSES, model_args=dict(TINY), seed=0)
