@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import ImageSet, class_names
+from .datasets import class_names
 from .errors import DataError
+from .image_set import ImageSet
 
 Report = Callable[[str], None]
 _log = logging.getLogger(__name__)

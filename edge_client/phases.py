@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sfprompt.data.datasets import ImageSet
+from sfprompt.data.image_set import ImageSet
 from sfprompt.data.transforms import EvalTransform
 from sfprompt.protocol.bundle import PROMPT_KEY
 from sfprompt.protocol.messages import PhaseSettings

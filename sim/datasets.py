@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sfprompt.data.datasets import ImageSet, load_image_set
+from sfprompt.data.datasets import load_image_set
 from sfprompt.data.errors import DataError
 from sfprompt.data.idx import FASHION_MNIST_CLASSES, idx_path, load_idx_pair
+from sfprompt.data.image_set import ImageSet
 from sfprompt.data.sampling import stratified_split, stratified_subset
 
 DIGITS_FEDERATED = (0, 1, 2, 3, 4)  # the federation's classes

@@ -12,8 +12,9 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 from torchvision.datasets import ImageFolder
 
-from sfprompt.data.datasets import ImageSet, load_image_set
+from sfprompt.data.datasets import load_image_set
 from sfprompt.data.errors import DataError
+from sfprompt.data.image_set import ImageSet
 from sfprompt.data.transforms import EvalTransform
 
 SMALL = EvalTransform(
