@@ -38,18 +38,8 @@ from typing import Any
 import numpy as np
 import psutil
 
-SCENARIOS = [
-    "chunks-devices",
-    "chunks-one",
-    "padded",
-    "claims",
-    "dup-expiry",
-    "big-batch",
-    "queue",
-    "steps",
-    "joins",
-    "mqtt",
-]
+SCENARIOS = ["chunks-devices", "chunks-one", "padded", "claims", "dup-expiry", "big-batch"]
+SCENARIOS += ["queue", "steps", "joins", "mqtt"]
 
 
 def rss_mb() -> float:
@@ -58,6 +48,7 @@ def rss_mb() -> float:
 
 
 def dangling(device_id: str, number: int, total_bytes: int = 2) -> Any:
+    """The first chunk of a set whose other chunks never come (chunks of one byte)."""
     from sfprompt.protocol.messages import Chunk
 
     return Chunk(
@@ -72,7 +63,10 @@ def dangling(device_id: str, number: int, total_bytes: int = 2) -> Any:
     )
 
 
-def legit_chunks(size: int, device_id: str = "cam-01") -> tuple[bytes, list[Any]]:
+def legit_chunks(
+    size: int, device_id: str = "cam-01", chunk_bytes: int = 64 << 10
+) -> tuple[bytes, list[Any]]:
+    """A SMASHED of `size` bytes of h, encoded, and its chunks decoded as a receiver meets them."""
     from sfprompt.protocol.chunking import split
     from sfprompt.protocol.codec import decode, encode
     from sfprompt.protocol.messages import Smashed
@@ -80,7 +74,7 @@ def legit_chunks(size: int, device_id: str = "cam-01") -> tuple[bytes, list[Any]
     h = np.random.default_rng(0).standard_normal((1, size // 4)).astype(np.float32)
     message = Smashed(device_id=device_id, round=1, step=1, h=h)
     payload = encode(message)
-    return payload, [decode(p) for p in split(payload, message, 64 << 10)]
+    return payload, [decode(p) for p in split(payload, message, chunk_bytes)]
 
 
 def add_counting(reassembler: Any, chunks: list[Any]) -> tuple[int, Any]:
@@ -152,6 +146,7 @@ def chunks_one(sets: int) -> dict:
 
 
 def padded_packet(chunk: Any, header_bytes: int) -> bytes:
+    """`chunk` encoded with its JSON header padded by spaces to `header_bytes`: legal JSON."""
     from sfprompt.protocol.codec import encode
 
     payload = encode(chunk)
