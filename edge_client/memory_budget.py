@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sfprompt.processes import child_cwd
 from sfprompt.protocol.bundle import load_manifest
 from sfprompt.units import MIB
 
@@ -87,14 +88,16 @@ def measure_step(
         sys.executable,
         "-m",
         CHILD_MODULE,
-        str(bundle),
+        str(Path(bundle).resolve()),
         runtime_kind,
         str(batch),
         str(micro_batch),
         str(threads or 0),
         str(steps),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout_s, cwd=child_cwd()
+    )
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-5:])
         raise ChildProcessError(

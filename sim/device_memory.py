@@ -41,6 +41,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from sfprompt.export.model_loading import create_vit
 from sfprompt.export.split_vit import Cut
+from sfprompt.processes import child_cwd
 from sfprompt.units import MIB
 
 CHILD_MODULE = "sfprompt.sim.device_memory"
@@ -165,10 +166,12 @@ def measure_device_memory(
 def _run_child(method: str, job: Path, threads: int, timeout_s: float) -> dict[str, Any]:
     """Run the device process; its last line of output is the JSON it reports."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    command = [sys.executable, "-m", CHILD_MODULE, str(job)]
+    command = [sys.executable, "-m", CHILD_MODULE, str(job.resolve())]
     what = f"{method}: the process playing one device to measure its memory"
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=child_cwd()
+        )
     except subprocess.TimeoutExpired as exc:
         raise RuntimeError(f"{what} ran past {timeout_s:g} s") from exc
     if done.returncode != 0 or not done.stdout.strip():
