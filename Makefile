@@ -10,7 +10,7 @@ DEMO   ?= runs/sim
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup mosquitto datasets demo test lint clean
+.PHONY: setup mosquitto datasets demo test test-fast lint clean
 
 setup: $(STAMP) mosquitto datasets
 
@@ -36,6 +36,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# The fast loop: everything but the tests marked slow (real processes, real-size exports).
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
 
 # The checkout itself resolves `sfprompt.<part>` (committed links), so the tools read the source.
 lint: setup

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .fedavg import PARAM_DTYPE, Params, delta_norm, fedavg
+from .fedavg import PARAM_DTYPE, Params, delta_norm, weighted_step
 
 FEDAVG = "fedavg"
 MEDIAN = "median"
@@ -104,9 +104,12 @@ def capped_samples(samples: int, max_samples: int, reported_local: float | None 
     return max(1, min(int(samples), cap))
 
 
-def clip_update(old: Params, params: Params, clip_norm: float) -> tuple[Params, float]:
-    """(old + delta * min(1, clip_norm / |delta|), |delta|): the change scaled down, not refused."""
-    norm = delta_norm(old, params)
+def clip_update(
+    old: Params, params: Params, clip_norm: float, norm: float | None = None
+) -> tuple[Params, float]:
+    """(old + delta * min(1, clip_norm / |delta|), |delta|): the change scaled down, not refused.
+    `norm`: |delta| where it is known already (measured as the update arrived)."""
+    norm = delta_norm(old, params) if norm is None else norm
     if norm <= clip_norm:
         return params, norm
     scale = clip_norm / norm
@@ -148,26 +151,30 @@ def aggregate(
     updates: Mapping[str, tuple[Params, int]],
     cfg: AggregationConfig,
     reported_local: Mapping[str, float] | None = None,
+    norms: Mapping[str, float] | None = None,
 ) -> Aggregated:
     """Cap the weights, clip the changes, apply `cfg.rule`, and keep `old` if the result fails
-    `check_global`. The updates have passed `check_update`; raises ValueError if there are none."""
+    `check_global`. The updates have passed `check_update` (so they are not checked again), whose
+    `norms` are taken where given; raises ValueError if there are none."""
     if not updates:
         raise ValueError("aggregate needs at least one update, got none")
     reported = reported_local or {}
+    known = norms or {}
     result = Aggregated(params={})
     kept: list[tuple[Params, int]] = []
     for device in sorted(updates):  # a fixed order: the result does not depend on arrival
         params, samples = updates[device]
         result.weights[device] = capped_samples(samples, cfg.max_samples, reported.get(device))
+        norm = known.get(device)
         if cfg.clip_norm is None:
-            result.norms[device] = delta_norm(old, params)
+            result.norms[device] = delta_norm(old, params) if norm is None else norm
         else:
-            params, result.norms[device] = clip_update(old, params, cfg.clip_norm)
+            params, result.norms[device] = clip_update(old, params, cfg.clip_norm, norm)
             if result.norms[device] > cfg.clip_norm:
                 result.clipped.append(device)
         kept.append((params, result.weights[device]))
     if cfg.rule == FEDAVG:
-        new = fedavg(old, kept, cfg.server_lr)
+        new = weighted_step(old, kept, cfg.server_lr)
     elif cfg.rule == MEDIAN:
         new = coordinate_median(old, [p for p, _ in kept], cfg.server_lr)
     else:

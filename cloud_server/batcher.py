@@ -14,7 +14,7 @@ backward on a tie, is what lets groups of devices that fell out of step (one gro
 running while the other's waits) merge again into one batch: forwards queue up while a
 backward runs. A backward also finishes a device's step, so the server holds its h no longer.
 Each request is checked on its own when it is queued, so a malformed one gets its error and
-the others still run.
+the others still run; the body calls then trust the stack (`body_forward_checked`).
 
 Bounded against floods: a request may hold at most `max_request` samples (refused `too_large`:
 one request of thousands of samples would hold the body for a minute), and the queue holds at
@@ -61,10 +61,6 @@ class BatchStats:
     backward_calls: int = 0
     largest_batch: int = 0  # samples in the largest call
     busy_s: float = 0.0  # time spent inside body calls
-
-    @property
-    def mean_batch(self) -> float:
-        return self.samples / self.calls if self.calls else 0.0
 
 
 @dataclass(eq=False)  # compared by identity: the queue removes requests by `is`
@@ -315,12 +311,12 @@ class BodyBatcher:
         h = batch[0].h if len(batch) == 1 else np.concatenate([r.h for r in batch])
         started = time.perf_counter()
         try:
-            if kind == FORWARD:
-                out = self.model.body_forward(h)
+            if kind == FORWARD:  # every request was checked as it was queued (`_check`)
+                out = self.model.body_forward_checked(h)
             else:
                 grads = [r.grad_z for r in batch if r.grad_z is not None]
                 grad_z = grads[0] if len(grads) == 1 else np.concatenate(grads)
-                out = self.model.body_vjp(h, grad_z)
+                out = self.model.body_vjp_checked(h, grad_z)
         except Exception as exc:  # e.g. out of GPU memory: every request of the call learns it
             log.warning("body %s of %d samples failed: %s", kind, len(h), exc)
             self._count(failed=len(batch))

@@ -9,34 +9,31 @@ The server keeps no autograd graph between the two calls of a step: `body_vjp` r
 forward from h. That costs one more forward, but the state held per device step is h alone
 (B*T*D floats) rather than every activation of every body block, and backward calls of many
 devices can then run as one batch (see `batcher.py`).
+
+Reading a bundle is `export.bundle_reader`'s job; running the whole model on a test set is
+`evaluation.py`'s. `body_forward` and `body_vjp` check their input; the `_checked` variants
+are for a caller that already did (the batcher checks each request as it is queued).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.numpy import load_file as load_numpy
-from safetensors.torch import load_file as load_torch
 
-from sfprompt.export.bundle_writer import ExportConfig, base_manifest, preprocess_config
-from sfprompt.export.model_loading import create_vit, state_mismatches
-from sfprompt.export.split_vit import Cut, SplitViT, init_prompt, select_tail_input
-from sfprompt.protocol.bundle import (
-    PROMPT_KEY,
-    BundleError,
-    Manifest,
-    TensorSpec,
-    load_manifest,
-)
+from sfprompt.export.bundle_reader import read_server_bundle
+from sfprompt.export.model_loading import create_vit
+from sfprompt.export.split_vit import SplitViT, init_prompt, select_tail_input
+from sfprompt.options import internal, opt
+from sfprompt.protocol.bundle import PROMPT_KEY, BundleError, Manifest, TensorSpec
+
+if TYPE_CHECKING:
+    from sfprompt.export.bundle_writer import ExportConfig
 
 Params = dict[str, np.ndarray]
 
@@ -45,12 +42,25 @@ Params = dict[str, np.ndarray]
 class BodyConfig:
     """How the server runs the body; every field is a flag of `sfprompt-cloud serve`."""
 
-    device: str = "auto"  # auto | cpu | cuda | cuda:N; auto takes CUDA when it is available
-    bf16: bool = False  # torch.autocast(bfloat16) around the body (CUDA, or CPU if asked)
-    threads: int | None = None  # torch.set_num_threads when the body runs on the CPU
+    device: str = field(
+        default="auto",
+        metadata=opt(
+            "Where the body runs; auto takes CUDA if present.",
+            pattern=r"auto|cpu|cuda(:\d+)?",
+            metavar="auto|cpu|cuda[:N]",
+        ),
+    )
+    bf16: bool = field(default=False, metadata=opt("bfloat16 autocast for the body."))
+    threads: int | None = field(default=None, metadata=opt("CPU threads for the body."))
+    max_batch: int = field(
+        default=256, metadata=opt("Samples per body call when batching across devices.")
+    )
+    max_wait_ms: float = field(
+        default=5.0, metadata=opt("How long a body call waits for other devices' requests.")
+    )
     # scaled_dot_product_attention in the body blocks: the server exports no ONNX, so the
     # reason the exporter turns it off does not apply here, and it saves memory and time.
-    fused_attention: bool = True
+    fused_attention: bool = field(default=True, metadata=internal())
 
     def resolve_device(self) -> torch.device:
         """The torch device to run on; raises ValueError for an unknown or absent one."""
@@ -66,20 +76,11 @@ class BodyConfig:
         raise ValueError(f"unknown device {self.device!r}: choose auto, cpu, cuda or cuda:N")
 
 
-@dataclass(frozen=True)
-class EvalResult:
-    """The whole model [head, body, tail] on a labelled set."""
-
-    accuracy: float  # fraction correct, in [0, 1]
-    loss: float  # mean cross-entropy
-    samples: int
-
-
 class ServerModel:
     """The split model on the server: frozen head and body, and the tail run with given params.
 
     Thread-safety: `body_forward` and `body_vjp` only read the model and may run on any thread;
-    `evaluate`, `logits` and `features` swap the tail's parameters in under a lock.
+    `run_tail` (which `evaluation` uses) swaps the tail's parameters in under a lock.
     """
 
     manifest: Manifest
@@ -124,45 +125,11 @@ class ServerModel:
         Raises `BundleError` for a missing, corrupt or foreign bundle, and for any weight file
         whose keys or shapes differ from the model's (naming them).
         """
-        directory = Path(directory)
-        manifest = load_manifest(directory, role="server")
-        for role in ("body", "head", "initial"):
-            if role not in manifest.weights:
-                raise BundleError(f"{directory}: the manifest names no {role!r} weights file")
+        bundle = read_server_bundle(directory)
         try:
-            vit = create_vit(
-                manifest.model,
-                manifest.num_classes,
-                pretrained=False,
-                checkpoint=None,
-                model_args=manifest.model_args,
-            )
-            cut = Cut(manifest.head_blocks, manifest.tail_blocks, manifest.prompts)
-            split = SplitViT.cut_model(vit, cut)
-        except ValueError as exc:  # ModelError is one
-            raise BundleError(f"{directory}: cannot rebuild {manifest.model!r}: {exc}") from exc
-
-        body_path = directory / manifest.weights["body"]
-        body_file = _read_torch(body_path)
-        body_expected = split.body_state()  # timm keys, in the body module's key order
-        _check_state(body_path, body_expected, body_file)
-        rename = dict(zip(body_expected, split.body.state_dict()))
-        split.body.load_state_dict({rename[k]: v for k, v in body_file.items()}, strict=True)
-
-        head_path = directory / manifest.weights["head"]
-        head_file = _read_torch(head_path)
-        _check_state(head_path, split.head.state_dict(), head_file)
-        split.head.load_state_dict(head_file, strict=True)
-
-        initial_path = directory / manifest.weights["initial"]
-        try:
-            initial = load_numpy(str(initial_path))
-        except (OSError, SafetensorError) as exc:
-            raise BundleError(f"{initial_path} could not be read: {exc}") from exc
-        try:
-            return cls(split, manifest, initial, config)
+            return cls(bundle.split, bundle.manifest, bundle.initial, config)
         except _ParamsError as exc:
-            raise BundleError(f"{initial_path}: {exc}") from exc
+            raise BundleError(f"{bundle.initial_path}: {exc}") from exc
 
     @classmethod
     def from_timm(cls, export: ExportConfig, config: BodyConfig = BodyConfig()) -> ServerModel:
@@ -187,6 +154,9 @@ class ServerModel:
     ) -> ServerModel:
         """Serve an already cut model (taken over in place), with the manifest the exporter
         would write for it and `export`, and the same initial prompt and tail."""
+        # The exporter's own description of a cut model, so that the contract hashes agree.
+        from sfprompt.export.bundle_writer import base_manifest, preprocess_config
+
         vit = split.vit
         prompt = init_prompt(split.cut, vit.embed_dim, export.seed)
         tail_state = dict(split.tail.named_parameters())
@@ -230,17 +200,29 @@ class ServerModel:
     def body_forward(self, h: np.ndarray) -> np.ndarray:
         """z_sel = select(body(h)), float32; raises ValueError for an h that does not fit."""
         self.check_h(h)
-        with torch.inference_mode():
-            z = self.run_body(self._tensor(h))
-        return z.cpu().numpy()
+        return self.body_forward_checked(h)
 
     def body_vjp(self, h: np.ndarray, grad_z: np.ndarray) -> np.ndarray:
-        """dL/dh (B, T, D) float32, recomputing the forward from h; no weight gradients."""
+        """dL/dh (B, T, D) float32, recomputing the forward from h; no weight gradients.
+        Raises ValueError for an h or grad_z that does not fit."""
         self.check_grad_z(h, grad_z)
+        return self.body_vjp_checked(h, grad_z)
+
+    def body_forward_checked(self, h: np.ndarray) -> np.ndarray:
+        """`body_forward` of an h its caller has checked (`check_h`), e.g. the batcher's
+        stack of requests it checked one by one as they were queued."""
+        assert h.dtype == np.float32 and h.shape[1:] == self.h_shape(-1)[1:]
+        with torch.inference_mode():
+            z = self.run_body(self.tensor(h))
+        return z.cpu().numpy()
+
+    def body_vjp_checked(self, h: np.ndarray, grad_z: np.ndarray) -> np.ndarray:
+        """`body_vjp` of an h and grad_z its caller has checked (`check_grad_z`)."""
+        assert h.dtype == grad_z.dtype == np.float32 and len(h) == len(grad_z)
         with torch.enable_grad():
-            h_t = self._tensor(h).requires_grad_(True)
+            h_t = self.tensor(h).requires_grad_(True)
             z = self.run_body(h_t)
-            (grad_h,) = torch.autograd.grad(z, h_t, self._tensor(grad_z))
+            (grad_h,) = torch.autograd.grad(z, h_t, self.tensor(grad_z))
         return grad_h.detach().float().cpu().numpy()
 
     def run_body(self, h: torch.Tensor) -> torch.Tensor:
@@ -253,102 +235,34 @@ class ServerModel:
             z = self.split.body(h)  # (B, T, D)
         return select_tail_input(z.float(), self.split.tail_input, self.split.skip_tokens)
 
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+    def tensor(self, array: np.ndarray) -> torch.Tensor:
+        """`array` as a tensor on the model's device."""
         if not (array.flags.writeable and array.flags.c_contiguous):
             array = np.array(array)  # torch wants a writable, contiguous buffer
         return torch.from_numpy(array).to(self.device)
 
-    # ------------------------------------------------------------------- the whole model
+    # ------------------------------------------------------------------------------ the tail
 
-    def evaluate(
-        self, params: Params, images: np.ndarray, labels: np.ndarray, batch_size: int = 256
-    ) -> EvalResult:
-        """Accuracy and mean cross-entropy of [head, body, tail] with `params` on a set.
-
-        Raises ValueError for params, images or labels that do not fit the model.
-        """
-        images = self._check_images(images)
-        labels = np.asarray(labels)
-        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(
-                f"labels: expected integers of shape ({len(images)},), "
-                f"got {labels.dtype} {labels.shape}"
-            )
-        if labels.size and (labels.min() < 0 or labels.max() >= self.manifest.num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {self.manifest.num_classes}), "
-                f"got [{labels.min()}, {labels.max()}]"
-            )
-        prompt, tail = self._tensors(params)
-        loss, correct = 0.0, 0
-        for start, chunk in self._chunks(images, batch_size):
-            logits = self._logits(prompt, tail, chunk)
-            y = torch.from_numpy(labels[start : start + len(chunk)].astype(np.int64))
-            y = y.to(self.device)
-            loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(dim=1) == y).sum())
-        return EvalResult(correct / len(images), loss / len(images), len(images))
-
-    def logits(self, params: Params, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """(N, C) float32 logits of the whole model with the given prompt and tail."""
-        images = self._check_images(images)
-        prompt, tail = self._tensors(params)
-        chunks = self._chunks(images, batch_size)
-        return np.concatenate([self._logits(prompt, tail, c).cpu().numpy() for _, c in chunks])
-
-    def features(self, params: Params, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """(N, R', D) float32: what the tail reads for each image (e.g. for a t-SNE plot).
-        Only the prompt of `params` is used."""
-        images = self._check_images(images)
+    def prompt_on_device(self, params: Params) -> torch.Tensor:
+        """The prompt of `params`, checked against the manifest; raises ValueError."""
         if PROMPT_KEY not in params:
             raise ValueError(f"params: {PROMPT_KEY!r} is missing")
         spec = self.manifest.parameters[PROMPT_KEY]
         prompt = torch.from_numpy(_as_float32(PROMPT_KEY, params[PROMPT_KEY], spec.shape))
-        prompt = prompt.to(self.device)
-        with torch.no_grad():
-            chunks = self._chunks(images, batch_size)
-            return np.concatenate([self._features(prompt, c).cpu().numpy() for _, c in chunks])
+        return prompt.to(self.device)
 
-    def _tensors(self, params: Params) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The prompt, and the tail's parameters by module name, checked and on the device."""
+    def params_on_device(self, params: Params) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The prompt, and the tail's parameters by module name, checked against the manifest
+        (every key, nothing else, each of its shape) and on the device; raises ValueError."""
         checked = _check_params(self.manifest, params, "params")
         prompt = torch.from_numpy(checked[PROMPT_KEY]).to(self.device)
         tail = {n: torch.from_numpy(checked[k]).to(self.device) for n, k in self._tail_keys.items()}
         return prompt, tail
 
-    def _features(self, prompt: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        return self.run_body(self.split.head(images, prompt))
-
-    def _logits(
-        self, prompt: torch.Tensor, tail: dict[str, torch.Tensor], images: torch.Tensor
-    ) -> torch.Tensor:
-        with torch.no_grad():
-            t = self._features(prompt, images)
-            with self._tail_lock:  # functional_call swaps the parameters in for the call
-                return torch.func.functional_call(self.split.tail, tail, (t,))
-
-    def _check_images(self, images: Any) -> np.ndarray:
-        embed = self.split.vit.patch_embed
-        want = (embed.proj.in_channels, *embed.img_size)
-        array = np.asarray(images)
-        if (
-            array.ndim != 4
-            or array.shape[1:] != want
-            or not np.issubdtype(array.dtype, np.floating)
-        ):
-            raise ValueError(
-                f"images: expected a float array of shape (N, {', '.join(map(str, want))}), "
-                f"got {array.dtype} {array.shape}"
-            )
-        if len(array) == 0:
-            raise ValueError("images: the set is empty")
-        return array.astype(np.float32, copy=False)
-
-    def _chunks(self, images: np.ndarray, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        for start in range(0, len(images), batch_size):
-            yield start, self._tensor(images[start : start + batch_size])
+    def run_tail(self, tail: dict[str, torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C) of the tail holding `tail` (from `params_on_device`) on its input t."""
+        with self._tail_lock:  # functional_call swaps the parameters in for the call
+            return torch.func.functional_call(self.split.tail, tail, (t,))
 
 
 class _ParamsError(ValueError):
@@ -416,19 +330,3 @@ def _check_fits(split: SplitViT, manifest: Manifest) -> None:
         raise BundleError(
             f"{manifest.model}: the manifest does not fit the model: {'; '.join(wrong)}"
         )
-
-
-def _read_torch(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_torch(str(path))
-    except (OSError, SafetensorError) as exc:
-        raise BundleError(f"{path} could not be read: {exc}") from exc
-
-
-def _check_state(
-    path: Path, expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]
-) -> None:
-    """Refuse a weights file with one message naming every missing, unexpected or odd key."""
-    problems = state_mismatches(expected, got, "file", compare_dtype=True)
-    if problems:
-        raise BundleError(f"{path} does not fit the model: " + "; ".join(problems))

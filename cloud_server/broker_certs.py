@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import secrets
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -112,3 +114,34 @@ def load_ca(certs: Path) -> tuple[Any, Any]:
     key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), password=None)
     cert = x509.load_pem_x509_certificate((certs / "ca.crt").read_bytes())
     return key, cert
+
+
+def write_certificates(
+    out: Path, users: Sequence[str], days: int, hostnames: Sequence[str]
+) -> dict[str, str]:
+    """CA (out/certs/ca.*), broker (out/certs/server.*, for `hostnames`) and client
+    certificates (`write_client`), and a fresh password per user (returned)."""
+    ca_key, ca_cert = make_ca(days)
+    write_pem(out / "certs" / "ca.key", key_pem(ca_key), private=True)
+    write_pem(out / "certs" / "ca.crt", cert_pem(ca_cert))
+    server_key, server_cert = make_leaf(
+        "sfprompt-broker", ca_key, ca_cert, days, server=True, names=hostnames
+    )
+    write_pem(out / "certs" / "server.key", key_pem(server_key), private=True)
+    write_pem(out / "certs" / "server.crt", cert_pem(server_cert))
+    return {user: write_client(out, user, ca_key, ca_cert, days) for user in users}
+
+
+def write_client(out: Path, user: str, ca_key: Any, ca_cert: Any, days: int) -> str:
+    """clients/<user>/ (0700, the writer's: it is for another machine, not the broker):
+    certificate, key, the CA certificate and a fresh password (returned)."""
+    folder = out / "clients" / user
+    folder.mkdir(mode=0o700)
+    folder.chmod(0o700)
+    key, cert = make_leaf(user, ca_key, ca_cert, days, server=False, names=())
+    write_pem(folder / "client.key", key_pem(key), private=True)
+    write_pem(folder / "client.crt", cert_pem(cert))
+    shutil.copyfile(out / "certs" / "ca.crt", folder / "ca.crt")
+    password = secrets.token_urlsafe(24)
+    write_pem(folder / "password", password.encode() + b"\n", private=True)
+    return password

@@ -12,8 +12,8 @@ What it writes under the output folder:
     clients/<id>/           per user (each device, the server, and with dynsec the admin):
                             ca.crt, client.crt, client.key, password -- copy it to that machine
 
-Each device may publish only under its own up-tree and presence, and read only its own down-tree,
-the broadcasts and the server status; the server may use everything (`broker_access`).
+Each device may publish only under its own up-tree and presence, and read only its own down-tree
+and the server status; the server may use everything (`broker_access`).
 `cryptography` comes with the `cloud` extra; the CLI imports this module only when the command
 runs. Keys are written mode 0600.
 
@@ -29,50 +29,100 @@ any certificate the CA signed passes the TLS handshake and the password alone na
   dynamic-security plugin refuses a client id other than the user's own (CONNACK 0x87).
 Body workers (`workers`) get users of their own (`server-worker-<i>`): one user is one client id.
 
-Who owns what: `mosquitto -c mosquitto.conf` started as root reads the config, then switches to
-the account in its `user` line before it opens the server key, the access rules and data/. So
-that account owns those files (mode 0600, data/ 0700), and the folder itself, in which the
-dynamic-security plugin saves its JSON (it writes a new file and renames it over the old one).
-Run as root, broker-config hands them to `--run-as` (default `mosquitto`); run as anyone else,
-it writes `user <you>`, so a broker started as root runs as the files' owner. The CA key and
-clients/ stay private to whoever ran broker-config: the broker never needs them.
+Who owns what (which account the broker runs as, and the files it must own) is
+`broker_account`'s.
 """
 
 from __future__ import annotations
 
-import os
-import pwd
-import secrets
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from sfprompt.options import internal, opt
 from sfprompt.protocol.messages import check_device_id
 from sfprompt.protocol.topics import Topics
 
 from . import broker_access as access
-from .broker_certs import cert_pem, key_pem, load_ca, make_ca, make_leaf, write_pem
+from .broker_account import (
+    BrokerAccount,
+    broker_account,
+    check_reachable,
+    chown_command,
+    hand_over,
+)
+from .broker_certs import load_ca, write_certificates, write_client
 
 
 @dataclass(frozen=True)
 class BrokerConfigOptions:
-    out: Path
-    devices: tuple[str, ...]
-    server_user: str = "server"  # the user name (and client id) of the cloud server
-    port: int = 8883
-    bind: str = "0.0.0.0"
-    hostnames: tuple[str, ...] = ("localhost", "127.0.0.1")  # names/IPs in the broker cert
-    install_dir: Path | None = None  # where the folder will live on the broker host
-    run_as: str | None = None  # mosquitto's `user`, the account it drops root to (broker_account)
-    max_packet_size: int = 16 << 20  # clients chunk payloads to fit under it
-    days: int = 825
-    topics: Topics = field(default_factory=Topics)
-    access: str = "dynsec"  # or "acl-file" (see broker_access)
-    dynsec_plugin: Path | None = None  # the plugin's path on the broker host; found if None
-    identity: str = "certificate"  # or "password": who a client is (module docstring)
-    workers: int = 0  # users for `sfprompt-cloud worker`s: <server_user>-worker-<i>
+    """Everything `sfprompt-cloud broker-config` takes to write a set-up."""
+
+    out: Path = field(
+        metadata=opt(
+            "New (or empty) folder to write into; nothing is ever overwritten.", file_okay=False
+        )
+    )
+    devices: tuple[str, ...] = field(
+        metadata=opt(
+            "Device ids (MQTT user names). `--devices a b c`, `--devices a,b` or repeated.",
+            metavar="ID...",
+        )
+    )
+    server_user: str = field(default="server", metadata=opt("The server's user name."))
+    port: int = field(default=8883, metadata=opt("TLS listener port."))
+    bind: str = field(default="0.0.0.0", metadata=opt("Address to listen on."))
+    hostnames: tuple[str, ...] = field(
+        default=("localhost", "127.0.0.1"),
+        metadata=opt(
+            "DNS name or IP clients use to reach the broker (repeatable); goes into its "
+            "certificate.",
+            flag="--hostname",
+        ),
+    )
+    install_dir: Path | None = field(
+        default=None,
+        metadata=opt(
+            "Where the folder will live on the broker host, if not where it is written "
+            "(mosquitto.conf names files by absolute path).",
+            file_okay=False,
+        ),
+    )
+    run_as: str | None = field(  # mosquitto's `user` (broker_account)
+        default=None,
+        metadata=opt(
+            "Account mosquitto switches to when started as root; it gets the files the broker "
+            "reads and writes. Default: mosquitto when run as root, else you (only root can "
+            "name another)."
+        ),
+    )
+    max_packet_size: int = field(
+        default=16 << 20,
+        metadata=opt("Largest MQTT packet in bytes; clients split bigger payloads into chunks."),
+    )
+    days: int = field(default=825, metadata=opt("Certificate validity in days."))
+    topics: Topics = field(default_factory=Topics, metadata=internal())
+    access: str = field(
+        default="dynsec",
+        metadata=opt(
+            "dynsec: Mosquitto's dynamic-security plugin, which refuses a SUBSCRIBE to another "
+            "device's topics and can add devices while running. acl-file: password_file + "
+            "acl_file, for a Mosquitto without the plugin (it grants such a SUBSCRIBE but "
+            "delivers nothing).",
+            choices=access.ACCESS_MODES,
+        ),
+    )
+    dynsec_plugin: Path | None = field(
+        default=None,
+        metadata=opt(
+            "Path of mosquitto_dynamic_security.so on the broker host. Default: found here.",
+            dir_okay=False,
+        ),
+    )
+    # "certificate" or "password": who a client is (module docstring)
+    identity: str = field(default="certificate", metadata=internal())
+    workers: int = field(default=0, metadata=opt("Users SERVER-USER-worker-I for body workers."))
 
 
 IDENTITIES = ("certificate", "password")
@@ -96,12 +146,12 @@ def write_broker_config(options: BrokerConfigOptions, use_tool: bool = True) -> 
     out = options.out
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty; choose a new folder (nothing is overwritten)")
-    account = broker_account(options)
+    account = broker_account(options.run_as, options.install_dir, out, options.access)
     if account.uid is not None and options.install_dir is None:
-        _check_reachable(account, out)
+        check_reachable(account, out)
     _make_folders(out)
     home = (options.install_dir or out).resolve()
-    passwords = _write_certificates(options, users)
+    passwords = write_certificates(out, users, options.days, options.hostnames)
     servers = [options.server_user, *access.worker_users(options.server_user, options.workers)]
     if plugin is not None:
         written, access_lines = _write_dynsec(options, home, plugin, passwords, servers)
@@ -110,7 +160,7 @@ def write_broker_config(options: BrokerConfigOptions, use_tool: bool = True) -> 
     config_path = out / "mosquitto.conf"
     config_path.write_text(_config_text(options, home, account, access_lines))
     if account.uid is not None:
-        _hand_over(out, account, options.access)
+        hand_over(out, account, options.access)
     client_dirs = {user: out / "clients" / user for user in users}
     return BrokerConfigFiles(config_path, written, out / "certs" / "ca.crt", client_dirs)
 
@@ -127,110 +177,6 @@ def _make_folders(out: Path) -> None:
         folder.mkdir(exist_ok=folder == out)
         folder.chmod(mode)
     (out / "clients").mkdir(mode=0o700)
-
-
-# ---- who owns what ---------------------------------------------------------------------------
-DEFAULT_RUN_AS = "mosquitto"  # mosquitto's own default, and the account its Debian package makes
-
-
-@dataclass(frozen=True)
-class BrokerAccount:
-    """The account mosquitto runs as once started as root (the conf's `user`); uid and gid are
-    set when this run hands the broker's files to it (only root can, and only to an account
-    that exists here)."""
-
-    name: str
-    uid: int | None = None
-    gid: int | None = None
-
-
-def broker_account(options: BrokerConfigOptions) -> BrokerAccount:
-    """`--run-as`, or by default `mosquitto` when run as root (or for another host,
-    `--install-dir`), else the user running this, who then owns every file. Raises ValueError
-    where the broker could not read its files: no such account here, or another account named
-    by a user who cannot give files away."""
-    root = os.geteuid() == 0
-    me = "root" if root else _my_name()
-    name = options.run_as or (DEFAULT_RUN_AS if root or options.install_dir else me)
-    entry = _account(name)
-    if entry is None and options.install_dir is None:
-        raise ValueError(
-            f"there is no account {name!r} here for mosquitto to run as: give --run-as USER "
-            "(installing mosquitto, e.g. `apt-get install mosquitto`, makes the account "
-            f"{DEFAULT_RUN_AS!r}), or --install-dir if the folder goes to another host"
-        )
-    if not root and name != me and options.install_dir is None:
-        raise ValueError(_only_root_message(name, me, options))
-    if not root or entry is None or entry.pw_uid == 0:
-        return BrokerAccount(name)
-    return BrokerAccount(name, entry.pw_uid, entry.pw_gid)
-
-
-def _only_root_message(name: str, me: str, options: BrokerConfigOptions) -> str:
-    """How to get a broker running as `name` when a normal user writes the files."""
-    chown = _chown_command(name, options.out.resolve(), options.access)
-    return (
-        f"--run-as {name}: only root can give the broker's files to another account. Run "
-        f"broker-config as root (sudo), or leave out --run-as: mosquitto started as root then "
-        f"runs as you ({me}), who own the files. Or write them as you and then, as root, run "
-        f"`{chown}` and change the line `user {me}` in mosquitto.conf to `user {name}`."
-    )
-
-
-def _my_name() -> str:
-    entry = _account(os.geteuid())
-    if entry is None:
-        raise ValueError(f"user id {os.geteuid()} has no account name for mosquitto's `user`")
-    return entry.pw_name
-
-
-def _account(who: str | int) -> pwd.struct_passwd | None:
-    try:
-        return pwd.getpwuid(who) if isinstance(who, int) else pwd.getpwnam(who)
-    except KeyError:
-        return None
-
-
-def _broker_owned(home: Path, access_mode: str) -> list[Path]:
-    """What the broker, after dropping root, reads or writes: the folder (the dynsec plugin
-    saves its JSON there through a new file), data/ (persistence), its key and access rules."""
-    rules = ["dynamic-security.json"] if access_mode == "dynsec" else ["passwd", "acl"]
-    return [home, home / "data", home / "certs" / "server.key", *(home / name for name in rules)]
-
-
-def _chown_command(name: str, home: Path, access_mode: str) -> str:
-    return " ".join(["chown", f"{name}:", *map(str, _broker_owned(home, access_mode))])
-
-
-def _hand_over(out: Path, account: BrokerAccount, access_mode: str) -> None:
-    """Give the broker's files to its account (their modes stay private: 0600, 0700)."""
-    assert account.uid is not None and account.gid is not None
-    for path in _broker_owned(out, access_mode):
-        os.chown(path, account.uid, account.gid)
-
-
-def _check_reachable(account: BrokerAccount, out: Path) -> None:
-    """mosquitto opens its files by absolute path after dropping root, so every folder above
-    them must let its account through: a 0700 home folder or pytest's temporary folders do
-    not. Checked before anything is written."""
-    assert account.uid is not None and account.gid is not None
-    groups = set(os.getgrouplist(account.name, account.gid))
-    for parent in out.resolve().parents:
-        if parent.exists() and not _may_enter(parent.stat(), account.uid, groups):
-            raise ValueError(
-                f"mosquitto, running as {account.name}, could not reach {out.resolve()}: "
-                f"{parent} is closed to it (mode {parent.stat().st_mode & 0o777:o}). Write the "
-                f"folder where it can (e.g. /etc/mosquitto/sfprompt), or open the way: "
-                f"chmod o+x {parent}"
-            )
-
-
-def _may_enter(info: os.stat_result, uid: int, groups: set[int]) -> bool:
-    if info.st_uid == uid:
-        return bool(info.st_mode & 0o100)
-    if info.st_gid in groups:
-        return bool(info.st_mode & 0o010)
-    return bool(info.st_mode & 0o001)
 
 
 def _write_dynsec(
@@ -302,43 +248,18 @@ def _plugin_path(options: BrokerConfigOptions) -> Path | None:
     return plugin
 
 
-def _write_certificates(options: BrokerConfigOptions, users: list[str]) -> dict[str, str]:
-    """CA, broker and client certificates, and a fresh password per user (returned)."""
-    out = options.out
-    ca_key, ca_cert = make_ca(options.days)
-    write_pem(out / "certs" / "ca.key", key_pem(ca_key), private=True)
-    write_pem(out / "certs" / "ca.crt", cert_pem(ca_cert))
-    server_key, server_cert = make_leaf(
-        "sfprompt-broker", ca_key, ca_cert, options.days, server=True, names=options.hostnames
-    )
-    write_pem(out / "certs" / "server.key", key_pem(server_key), private=True)
-    write_pem(out / "certs" / "server.crt", cert_pem(server_cert))
-    return {user: _write_client(out, user, ca_key, ca_cert, options.days) for user in users}
-
-
-def _write_client(out: Path, user: str, ca_key: Any, ca_cert: Any, days: int) -> str:
-    """clients/<user>/ (0700, the writer's: it is for another machine, not the broker):
-    certificate, key, the CA certificate and a fresh password (returned)."""
-    folder = out / "clients" / user
-    folder.mkdir(mode=0o700)
-    folder.chmod(0o700)
-    key, cert = make_leaf(user, ca_key, ca_cert, days, server=False, names=())
-    write_pem(folder / "client.key", key_pem(key), private=True)
-    write_pem(folder / "client.crt", cert_pem(cert))
-    shutil.copyfile(out / "certs" / "ca.crt", folder / "ca.crt")
-    password = secrets.token_urlsafe(24)
-    write_pem(folder / "password", password.encode() + b"\n", private=True)
-    return password
-
-
 # ---- more devices later ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class AddDevicesOptions:
-    folder: Path  # what write_broker_config wrote
-    devices: tuple[str, ...]
-    broker_host: str = "localhost"  # dynsec: where the running broker is reached
-    days: int = 825
-    topics: Topics = field(default_factory=Topics)
+    """`broker-config --add`: the --out, --devices and --days of the set-up, and this one."""
+
+    folder: Path = field(metadata=internal())  # what write_broker_config wrote
+    devices: tuple[str, ...] = field(metadata=internal())
+    broker_host: str = field(  # dynsec: where the running broker is reached
+        default="localhost", metadata=opt("With --add.")
+    )
+    days: int = field(default=825, metadata=internal())
+    topics: Topics = field(default_factory=Topics, metadata=internal())
 
 
 def add_devices(options: AddDevicesOptions, use_tool: bool = True) -> list[str]:
@@ -362,7 +283,7 @@ def add_devices(options: AddDevicesOptions, use_tool: bool = True) -> list[str]:
     ca_key, ca_cert = load_ca(folder / "certs")
     done: list[str] = []
     for device in devices:
-        password = _write_client(folder, device, ca_key, ca_cert, options.days)
+        password = write_client(folder, device, ca_key, ca_cert, options.days)
         if dynsec:
             for command in access.dynsec_add_commands(options.topics, device, password):
                 _run_ctrl(ctrl, command, repr(device))
@@ -410,7 +331,7 @@ def _config_text(
         "# Generated by sfprompt-cloud broker-config; run with: mosquitto -c mosquitto.conf",
         f"# Started as root, mosquitto switches to user {account.name}, which must own what it",
         "# reads and writes (done if broker-config ran as root here; after copying, run there):",
-        f"#   {_chown_command(account.name, home, options.access)}",
+        f"#   {chown_command(account.name, home, options.access)}",
         f"user {account.name}",
         "per_listener_settings false",
         "allow_anonymous false",

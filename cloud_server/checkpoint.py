@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import os
 import struct
 import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -45,12 +43,6 @@ class Checkpoint:
     fingerprint: str  # of the model/config: a restart with another model is refused
     strikes: dict[str, int] = field(default_factory=dict)  # device -> refused rounds in a row
     excluded: list[str] = field(default_factory=list)  # devices no longer selected
-
-
-def config_fingerprint(config: Mapping[str, object]) -> str:
-    """A stable hex digest of a JSON-able config (key order does not matter)."""
-    text = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:

@@ -2,7 +2,9 @@
 
 The arithmetic is a pure numpy function (Flower's layout): the round loop only coordinates. An
 update is checked completely before it may join the average, because one NaN or one transposed
-tensor from one device would otherwise poison the global model of every device.
+tensor from one device would otherwise poison the global model of every device. It is checked
+once, as it enters the round's inbox (which keeps its norm for the aggregation); the round's
+aggregation then runs `weighted_step`, and `fedavg` checks its own input for other callers.
 """
 
 from __future__ import annotations
@@ -68,11 +70,7 @@ class UpdateRejected(ValueError):
 def delta_norm(old: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray]) -> float:
     """L2 norm of new - old over all parameters (the keys of `old`), in float64: 1e30 squared
     does not overflow."""
-    total = 0.0
-    for key, reference in old.items():
-        change = new[key].astype(np.float64) - reference.astype(np.float64)
-        total += float(np.sum(np.square(change)))
-    return math.sqrt(total)
+    return math.sqrt(sum(_squared_change(reference, new[key]) for key, reference in old.items()))
 
 
 def check_update(
@@ -83,29 +81,26 @@ def check_update(
 ) -> float:
     """The update's change |params - global| (L2, all parameters); raise UpdateRejected unless
     `params` matches the global keys, shapes and dtype, is finite everywhere, changes the model
-    by at most `max_norm`, and `samples` is a positive integer."""
+    by at most `max_norm`, and `samples` is a positive integer.
+
+    One pass over the data: a NaN or Inf anywhere makes its key's squared change non-finite
+    (float32 values cannot overflow it in float64), so finiteness comes with the norm."""
     if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples <= 0:
         raise UpdateRejected(NO_SAMPLES, f"sample count must be an integer > 0, got {samples!r}")
     missing = sorted(set(global_params) - set(params))
     extra = sorted(set(params) - set(global_params))
     if missing or extra:
         raise UpdateRejected(WRONG_KEYS, f"missing keys {missing}, unexpected keys {extra}")
+    total = 0.0
     for key, reference in global_params.items():
         value = params[key]
-        if not isinstance(value, np.ndarray):
-            raise UpdateRejected(
-                WRONG_DTYPE, f"{key}: expected a numpy array, got {type(value).__name__}"
-            )
-        if value.shape != reference.shape:
-            raise UpdateRejected(
-                WRONG_SHAPE, f"{key}: expected shape {reference.shape}, got {value.shape}"
-            )
-        if value.dtype != PARAM_DTYPE:
-            raise UpdateRejected(WRONG_DTYPE, f"{key}: expected {PARAM_DTYPE}, got {value.dtype}")
-        if not np.isfinite(value).all():
+        _check_array(key, value, reference.shape)
+        squared = _squared_change(reference, value)
+        if not math.isfinite(squared):
             bad = int(value.size - np.count_nonzero(np.isfinite(value)))
             raise UpdateRejected(NON_FINITE, f"{key}: {bad} of {value.size} values are NaN or Inf")
-    norm = delta_norm(global_params, params)
+        total += squared
+    norm = math.sqrt(total)
     if norm > max_norm:
         raise UpdateRejected(
             TOO_LARGE, f"it changes the model by {norm:.4g} (L2), more than the bound {max_norm:g}"
@@ -139,6 +134,17 @@ def fedavg(
             check_update(global_params, params, samples)
         except UpdateRejected as error:
             raise UpdateRejected(error.reason, f"update {index}: {error.detail}") from None
+    return weighted_step(global_params, updates, server_lr)
+
+
+def weighted_step(
+    global_params: Mapping[str, np.ndarray],
+    updates: Sequence[tuple[Params, int]],
+    server_lr: float,
+) -> Params:
+    """`fedavg`'s arithmetic without its checks, for updates that passed `check_update` already
+    (the round inbox checks each one as it arrives) and a server_lr that is finite and > 0."""
+    assert updates and server_lr > 0
     total = sum(int(samples) for _, samples in updates)  # Python int: no overflow
     weights = [int(samples) / total for _, samples in updates]
     new: Params = {}
@@ -149,6 +155,24 @@ def fedavg(
             step += weight * (params[key].astype(np.float64) - old64)
         new[key] = (old64 + server_lr * step).astype(PARAM_DTYPE)
     return new
+
+
+def _check_array(key: str, value: object, shape: tuple[int, ...]) -> None:
+    """A float32 numpy array of `shape`, or UpdateRejected naming what it is instead."""
+    if not isinstance(value, np.ndarray):
+        raise UpdateRejected(
+            WRONG_DTYPE, f"{key}: expected a numpy array, got {type(value).__name__}"
+        )
+    if value.shape != shape:
+        raise UpdateRejected(WRONG_SHAPE, f"{key}: expected shape {shape}, got {value.shape}")
+    if value.dtype != PARAM_DTYPE:
+        raise UpdateRejected(WRONG_DTYPE, f"{key}: expected {PARAM_DTYPE}, got {value.dtype}")
+
+
+def _squared_change(reference: np.ndarray, value: np.ndarray) -> float:
+    """sum((value - reference)^2) in float64."""
+    change = value.astype(np.float64) - reference.astype(np.float64)
+    return float(np.sum(np.square(change)))
 
 
 class RoundInbox:
@@ -184,6 +208,7 @@ class RoundInbox:
         self._reported: set[str] = set()  # accepted or refused for content: final
         self._dropped: set[str] = set()
         self._accepted: dict[str, tuple[Params, int]] = {}
+        self._norms: dict[str, float] = {}  # of each accepted update's change, for aggregation
         self._rejected: list[tuple[str, str]] = []
         self._closed = False
 
@@ -211,7 +236,7 @@ class RoundInbox:
             self._claimed.add(device_id)  # a concurrent resend is a duplicate
         try:
             # outside the lock: can be slow
-            check_update(self.global_params, params, samples, self.max_update_norm)
+            norm = check_update(self.global_params, params, samples, self.max_update_norm)
         except UpdateRejected as error:
             with self._cond:
                 self._rejected.append((device_id, error.reason))
@@ -223,6 +248,7 @@ class RoundInbox:
                 self._reported.add(device_id)
                 self._refuse(device_id, LATE, f"{device_id!r} in round {round}: inbox closed")
             self._accepted[device_id] = (params, int(samples))
+            self._norms[device_id] = norm
             self._reported.add(device_id)
             self._cond.notify_all()
 
@@ -260,6 +286,12 @@ class RoundInbox:
     def accepted(self) -> dict[str, tuple[Params, int]]:
         with self._cond:
             return dict(self._accepted)
+
+    @property
+    def norms(self) -> dict[str, float]:
+        """|params - global| (L2) of each accepted update, as `check_update` measured it."""
+        with self._cond:
+            return dict(self._norms)
 
     @property
     def rejected(self) -> list[tuple[str, str]]:

@@ -57,7 +57,6 @@ class StepStore:
         self._by_device: dict[str, OrderedDict[StepKey, None]] = {}
         self._bytes = 0
         self._lock = threading.Lock()
-        self.peak_bytes = 0
 
     def put(self, key: StepKey, h: np.ndarray) -> None:
         """Hold `h` for `key` (replacing an earlier one, and the device's oldest step beyond
@@ -79,7 +78,6 @@ class StepStore:
             self._held[key] = _Held(h, now + self.ttl_s)
             steps[key] = None
             self._bytes += h.nbytes
-            self.peak_bytes = max(self.peak_bytes, self._bytes)
 
     def take(self, key: StepKey) -> np.ndarray | None:
         """The input of `key`, removed from the store; None if unknown or expired."""

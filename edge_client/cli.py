@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import signal
 import threading
-from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from sfprompt.config_file import merge_config
 from sfprompt.logging_setup import setup_logging
+from sfprompt.options import Verbosity, configs_from, options_from
 from sfprompt.protocol.bundle import BundleError
 
-from .runtime import RUNTIMES
+from .config import EdgeConfig
+from .profile import ProfileConfig
 
 console = Console(stderr=True)
-
-_BUNDLE = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,91 +40,9 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--bundle", type=_BUNDLE, help="The device bundle folder (sfprompt-export bundle).")
-@click.option(
-    "--data",
-    type=click.Path(exists=True, path_type=Path),
-    help="Local images: an ImageFolder directory, CIFAR-10/100 binary batches or an .npz.",
-)
-@click.option(
-    "--broker",
-    default="mqtt://127.0.0.1:1883",
-    show_default=True,
-    help="mqtt://host:port or mqtts://host:port (user:password@ allowed).",
-)
-@click.option("--device-id", help="This device's id, also its broker user name.")
-@click.option(
-    "--runtime",
-    type=click.Choice(RUNTIMES),
-    default="onnx",
-    show_default=True,
-    help="onnx needs no PyTorch; torchscript for devices that have it (Jetson).",
-)
-@click.option("--tls-ca", help="CA certificate of the broker (switches TLS on).")
-@click.option("--tls-cert", help="This device's client certificate.")
-@click.option("--tls-key", help="This device's private key.")
-@click.option("--username", help="Broker user name (default: from the URL).")
-@click.option(
-    "--password",
-    envvar="SFPROMPT_BROKER_PASSWORD",
-    show_envvar=True,
-    help="Broker password (default: from the URL); prefer --password-file or the variable, "
-    "which `ps` does not show.",
-)
-@click.option(
-    "--password-file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="File whose first line is the password (broker-config writes clients/ID/password).",
-)
-@click.option(
-    "--data-split",
-    default="train",
-    show_default=True,
-    help="Which split of a CIFAR folder or train/test .npz pair to use.",
-)
-@click.option("--threads", type=int, help="Compute threads (default: up to 4 cores).")
-@click.option(
-    "--micro-batch",
-    type=int,
-    default=4,
-    show_default=True,
-    help="Samples the head graphs process at once; smaller uses less memory.",
-)
-@click.option(
-    "--memory-budget",
-    "memory_budget_mb",
-    type=float,
-    help="Peak MB allowed: picks the largest micro-batch that fits, or refuses.",
-)
-@click.option("--momentum", type=float, default=0.0, show_default=True, help="SGD momentum.")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option(
-    "--request-timeout",
-    "request_timeout_s",
-    type=float,
-    default=60.0,
-    show_default=True,
-    help="Seconds to wait for the server in split training.",
-)
-@click.option("--max-rounds", type=int, help="Leave after this many rounds.")
-@click.option(
-    "--leave-when-server-stops",
-    is_flag=True,
-    help="Leave once the server says the federation has finished.",
-)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(exists=True, path_type=Path),
-    help="JSON or TOML file of these options (flags given here win).",
-)
-@click.option("-v", "--verbose", is_flag=True, help="Also log debugging details.")
-@click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors.")
+@options_from(EdgeConfig, Verbosity)
 @click.pass_context
-def start(
-    ctx: click.Context, config_file: Path | None, verbose: bool, quiet: bool, **flags: Any
-) -> None:
+def start(ctx: click.Context, **values: Any) -> None:
     """Join a federation and serve round after round until stopped.
 
     Each round: train prompt + tail on the local loss and keep the hardest samples (EL2N),
@@ -142,84 +58,37 @@ def start(
     unknown host): retrying cannot help, so it does not. A broker that is down or
     unreachable for a while is retried with backoff, saying so each time.
     """
-    from .device import BrokerRefused, DeviceFailure, EdgeConfig, EdgeDevice
+    from .device import BrokerRefused, DeviceFailure, EdgeDevice
 
-    setup_logging(verbose, quiet, console)
-    values = merge_config(ctx, flags, config_file)
-    for name in ("bundle", "data", "device_id"):
-        if values.get(name) is None:
-            raise click.UsageError(f"--{name.replace('_', '-')} is required (flag or config)")
-    values["bundle"], values["data"] = Path(values["bundle"]), Path(values["data"])
+    cfg, verbosity = configs_from(ctx, values, EdgeConfig, Verbosity)
+    setup_logging(verbosity.verbose, verbosity.quiet, console)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        device = EdgeDevice(EdgeConfig(**values), stop)
+        device = EdgeDevice(cfg, stop)
         rounds = device.run()
     except BrokerRefused as exc:
         raise _Refused(str(exc)) from exc
     except (BundleError, DeviceFailure, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
-    console.print(f"{values['device_id']}: left after {rounds} round(s)")
+    console.print(f"{cfg.device_id}: left after {rounds} round(s)")
 
 
 @main.command()
-@click.option(
-    "--bundle",
-    required=True,
-    type=_BUNDLE,
-    help="The device bundle folder written by `sfprompt-export bundle`.",
-)
-@click.option("--batch", default=8, show_default=True, help="Batch size to profile.")
-@click.option("--steps", default=5, show_default=True, help="Training steps to run.")
-@click.option("--threads", type=int, help="Compute threads (default: up to 4 cores).")
-@click.option(
-    "--micro-batch",
-    default=4,
-    show_default=True,
-    help="Samples the head graphs process at once; smaller uses less memory.",
-)
-@click.option("--runtime", type=click.Choice(RUNTIMES), default="onnx", show_default=True)
-@click.option(
-    "--memory-budget",
-    "memory_budget_mb",
-    type=float,
-    help="Peak MB allowed: picks the largest micro-batch that fits, or refuses.",
-)
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Write profile.json and memory_timeline.png here.",
-)
-def profile(
-    bundle: Path,
-    batch: int,
-    steps: int,
-    threads: int | None,
-    micro_batch: int,
-    runtime: str,
-    memory_budget_mb: float | None,
-    out: Path | None,
-) -> None:
+@options_from(ProfileConfig)
+@click.pass_context
+def profile(ctx: click.Context, **values: Any) -> None:
     """Run the device's training steps on synthetic input; print peak memory and time per phase."""
     from .memory_budget import MemoryBudgetError
-    from .profile import ProfileConfig, run_profile
+    from .profile import run_profile
 
-    cfg = ProfileConfig(
-        bundle,
-        batch,
-        steps,
-        threads,
-        micro_batch,
-        out=out,
-        runtime=runtime,
-        memory_budget_mb=memory_budget_mb,
-    )
+    (cfg,) = configs_from(ctx, values, ProfileConfig)
     try:
         result = run_profile(cfg)
     except (BundleError, MemoryBudgetError) as exc:
         raise click.ClickException(str(exc)) from exc
-    title = f"device profile of {bundle} at batch {batch} ({runtime}, micro-batch "
+    title = f"device profile of {cfg.bundle} at batch {cfg.batch} ({cfg.runtime}, micro-batch "
     table = Table(title=title + f"{result.micro_batch})")
     for col in ("phase", "peak RSS MB", "USS MB", "ms / call", "CPU ms / call", "calls"):
         table.add_column(col, justify="right")
@@ -234,8 +103,8 @@ def profile(
         )
     Console().print(table)
     Console().print(f"peak RSS {result.peak_rss_mb:.0f} MB")
-    if out is not None:
-        Console().print(f"wrote {out / 'profile.json'} and {out / 'memory_timeline.png'}")
+    if cfg.out is not None:
+        Console().print(f"wrote {cfg.out / 'profile.json'} and {cfg.out / 'memory_timeline.png'}")
 
 
 class _Refused(click.ClickException):

@@ -13,8 +13,6 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -40,6 +38,7 @@ from sfprompt.protocol.messages import Error, Join, Message, Presence, ServerSta
 from sfprompt.protocol.mqtt_client import MqttClient
 from sfprompt.units import MB
 
+from .config import EdgeConfig
 from .hardware import hardware_profile, runtime_versions
 from .memory import MemoryProfiler
 from .optimizer import Sgd
@@ -48,34 +47,6 @@ from .runtime import DeviceRuntime, open_runtime
 from .split_link import SplitLink
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EdgeConfig:
-    """Everything `sfprompt-edge start` takes; `--config FILE` fills the same fields."""
-
-    bundle: Path
-    data: Path
-    device_id: str
-    broker: str = "mqtt://127.0.0.1:1883"
-    runtime: str = "onnx"  # onnx (no PyTorch) or torchscript
-    username: str | None = None
-    password: str | None = None
-    password_file: Path | None = None  # or the password's file (clients/ID/password)
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    data_split: str = "train"
-    threads: int | None = None
-    micro_batch: int | None = 4  # samples per head-graph call: smaller uses less memory
-    memory_budget_mb: float | None = None  # pick the largest micro-batch that fits
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    request_timeout_s: float = 60.0  # per split exchange, split into `attempts` sends
-    attempts: int = 3
-    seed: int = 0
-    max_rounds: int | None = None  # leave after this many rounds (None: until stopped)
-    leave_when_server_stops: bool = False  # leave once the server has finished every round
 
 
 class DeviceFailure(RuntimeError):

@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sfprompt.options import internal, opt
+
+from .config import (
+    memory_budget_field,
+    micro_batch_field,
+    runtime_field,
+    threads_field,
+)
 from .local_step import local_step
 from .memory import MemoryProfile, MemoryProfiler
 from .memory_budget import MicroBatchChoice, choose_micro_batch
@@ -25,15 +33,26 @@ from .runtime import RUNTIMES, open_runtime, synthetic_batch
 
 @dataclass(frozen=True)
 class ProfileConfig:
-    bundle: Path
-    batch: int = 8
-    steps: int = 5
-    threads: int | None = None
-    micro_batch: int | None = 4  # ignored when a memory budget chooses it
-    lr: float = 1e-4
-    out: Path | None = None
-    runtime: str = "onnx"  # or "torchscript"
-    memory_budget_mb: float | None = None  # peak RSS allowed; None: use `micro_batch`
+    """Everything `sfprompt-edge profile` takes."""
+
+    bundle: Path = field(
+        metadata=opt(
+            "The device bundle folder written by `sfprompt-export bundle`.",
+            exists=True,
+            file_okay=False,
+        )
+    )
+    batch: int = field(default=8, metadata=opt("Batch size to profile."))
+    steps: int = field(default=5, metadata=opt("Training steps to run."))
+    threads: int | None = threads_field()
+    micro_batch: int | None = micro_batch_field()  # ignored when a memory budget chooses it
+    lr: float = field(default=1e-4, metadata=internal())
+    out: Path | None = field(
+        default=None,
+        metadata=opt("Write profile.json and memory_timeline.png here.", file_okay=False),
+    )
+    runtime: str = runtime_field()
+    memory_budget_mb: float | None = memory_budget_field()  # None: use `micro_batch`
 
 
 @dataclass

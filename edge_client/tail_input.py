@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from sfprompt.protocol.bundle import Manifest
+from sfprompt.protocol.bundle import (
+    ALL_PATCH_TOKENS,
+    ALL_TOKENS,
+    MEAN_PATCH_TOKENS,
+    PREFIX_TOKENS,
+    Manifest,
+)
 
 
 def select(h: np.ndarray, manifest: Manifest) -> np.ndarray:
@@ -16,11 +22,11 @@ def select(h: np.ndarray, manifest: Manifest) -> np.ndarray:
     spec = manifest.tail_input
     assert spec is not None, "a device manifest always says what the tail reads"
     skip = manifest.num_prefix_tokens + manifest.prompts
-    if spec.kind == "prefix_tokens":
+    if spec.kind == PREFIX_TOKENS:
         return h[:, : spec.count]
-    if spec.kind == "mean_patch_tokens":
+    if spec.kind == MEAN_PATCH_TOKENS:
         return h[:, skip:].mean(axis=1, keepdims=True)
-    if spec.kind == "all_patch_tokens":
+    if spec.kind == ALL_PATCH_TOKENS:
         return h[:, skip:]
     return h
 
@@ -29,14 +35,14 @@ def scatter_grad(grad_t: np.ndarray, manifest: Manifest) -> np.ndarray:
     """dL/dt -> dL/dh (B, T, D): the transpose of `select`."""
     spec = manifest.tail_input
     assert spec is not None
-    if spec.kind == "all_tokens":
+    if spec.kind == ALL_TOKENS:
         return grad_t
     skip = manifest.num_prefix_tokens + manifest.prompts
     batch, dim = grad_t.shape[0], grad_t.shape[-1]
     grad_h = np.zeros((batch, manifest.tokens, dim), dtype=grad_t.dtype)
-    if spec.kind == "prefix_tokens":
+    if spec.kind == PREFIX_TOKENS:
         grad_h[:, : spec.count] = grad_t
-    elif spec.kind == "mean_patch_tokens":
+    elif spec.kind == MEAN_PATCH_TOKENS:
         grad_h[:, skip:] = grad_t / manifest.num_patches
     else:
         grad_h[:, skip:] = grad_t

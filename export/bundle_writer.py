@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from timm.data import resolve_data_config
 
+from sfprompt.options import opt
 from sfprompt.protocol.bundle import (
     BATCH,
     GraphSpec,
@@ -32,7 +33,7 @@ from sfprompt.protocol.bundle import (
 from sfprompt.protocol.version import PROTOCOL_VERSION
 
 from . import device_graphs as dg
-from .model_loading import create_vit
+from .model_loading import create_vit, parse_model_args
 from .onnx_export import OPSET, export_onnx
 from .split_vit import PROMPT_KEY, Cut, SplitViT, init_prompt, select_tail_input
 from .torchscript_export import export_torchscript
@@ -44,22 +45,70 @@ WEIGHTS_FILE = "prompt_tail.safetensors"
 class ExportConfig:
     """What `sfprompt-export bundle` builds; every flag of the command is a field here."""
 
-    model: str = "vit_tiny_patch16_224"
-    num_classes: int = 10
-    classes: list[str] | None = None  # the name of each logit; None: "0".."num_classes-1"
-    pretrained: bool = False
-    checkpoint: Path | None = None
-    model_args: dict[str, Any] = field(default_factory=dict)  # timm overrides, e.g. img_size
-    prompts: int = 10
-    head_blocks: int = 1
-    tail_blocks: int = 0
-    batch: int = 8  # the device's planned batch; the graphs accept any batch size
-    seed: int = 0  # of the prompt and of every weight not pre-trained or loaded
-    out: Path = Path("bundle")
+    model: str = field(
+        default="vit_tiny_patch16_224",
+        metadata=opt("timm model name, e.g. vit_base_patch16_224 or deit_small_patch16_224."),
+    )
+    num_classes: int | None = field(  # None: the count of `classes`, else 10
+        default=None,
+        metadata=opt("Classes of the task being tuned (default: the count of --classes, else 10)."),
+    )
+    classes: list[str] | None = field(  # the name of each logit; None: "0".."num_classes-1"
+        default=None,
+        metadata=opt(
+            "Class names in logit order: a file with one a line, a data folder (its ImageFolder "
+            "folders, CIFAR or .npz names) or a,b,c. Devices map their data to them by name "
+            "(default: 0..N-1).",
+            metavar="FILE|DIR|a,b,c",
+        ),
+    )
+    pretrained: bool = field(
+        default=False,
+        metadata=opt(
+            "Load timm's pre-trained weights (needs the network or a warm cache).",
+            flag="--pretrained/--random-init",
+        ),
+    )
+    checkpoint: Path | None = field(
+        default=None,
+        metadata=opt(
+            "A local .safetensors or .pth state dict (read with weights_only=True).",
+            exists=True,
+            dir_okay=False,
+        ),
+    )
+    model_args: dict[str, Any] = field(  # timm overrides, e.g. img_size
+        default_factory=dict,
+        metadata=opt(
+            "timm override, repeatable: --model-arg img_size=32 --model-arg depth=4.",
+            flag="--model-arg",
+            metavar="KEY=VALUE",
+            convert=parse_model_args,
+        ),
+    )
+    prompts: int = field(default=10, metadata=opt("Learnable prompt tokens P."))
+    head_blocks: int = field(
+        default=1, metadata=opt("Blocks kept on the device before the body, K >= 1.")
+    )
+    tail_blocks: int = field(
+        default=0, metadata=opt("Blocks kept on the device after the body, M >= 0.")
+    )
+    batch: int = field(  # the graphs accept any batch size
+        default=8, metadata=opt("The device's planned batch size B (graphs take any).")
+    )
+    seed: int = field(
+        default=0,
+        metadata=opt("Seed of the prompt and of any random weights (same seed, same bundle)."),
+    )
+    out: Path = field(
+        default=Path("bundle"), metadata=opt("Output folder; gets device/ and server/.")
+    )
 
     def __post_init__(self) -> None:
         """Fix the class names before minutes of export, not after: the devices match their
         data to them by name, so there must be one unique name per logit."""
+        if self.num_classes is None:
+            self.num_classes = len(self.classes) if self.classes is not None else 10
         names = list(self.classes) if self.classes is not None else None
         self.classes = names or default_class_names(self.num_classes)
         problem = class_names_problem(self.classes, self.num_classes)

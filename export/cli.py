@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,34 +11,13 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from sfprompt.config_file import config_values
+from sfprompt.options import build, configs_from, merged_values, opt, options_from
 from sfprompt.protocol.bundle import BundleError
 
-from .model_loading import ModelError, create_vit, parse_model_args
+from .bundle_writer import ExportConfig
+from .model_loading import ModelError, create_vit
 
 console = Console()
-
-
-def _config_file(path: Path | None) -> dict[str, Any]:
-    """The file's options by ExportConfig field, keys spelled like the flags or the fields and
-    values checked by the flags' types; `model_args` (a table of timm overrides, or a list of
-    KEY=VALUE) and `classes` (a list of names is fine there) are kept as written."""
-    from .bundle_writer import ExportConfig
-
-    if path is None:
-        return {}
-    names = {f.name for f in fields(ExportConfig)}
-    ctx = click.get_current_context()
-    values = config_values(ctx, names, path, raw=("model_args", "classes"))
-    model_args = values.get("model_args")
-    if isinstance(model_args, (list, tuple)):
-        try:
-            values["model_args"] = parse_model_args([str(a) for a in model_args])
-        except ModelError as exc:
-            raise click.ClickException(f"{path}: {exc}") from exc
-    elif model_args is not None and not isinstance(model_args, dict):
-        raise click.ClickException(f"{path}: model_args must be a table of timm overrides")
-    return values
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,91 +33,19 @@ def main() -> None:
 
 
 @main.command()
-@click.option(
-    "--model", help="timm model name, e.g. vit_base_patch16_224 or deit_small_patch16_224."
-)
-@click.option(
-    "--pretrained/--random-init",
-    default=None,
-    help="Load timm's pre-trained weights (needs the network or a warm cache).",
-)
-@click.option(
-    "--checkpoint",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A local .safetensors or .pth state dict (read with weights_only=True).",
-)
-@click.option(
-    "--num-classes",
-    type=int,
-    help="Classes of the task being tuned.  [default: 10, or the count of --classes]",
-)
-@click.option(
-    "--classes",
-    metavar="FILE|DIR|a,b,c",
-    help="Class names in logit order: a file with one a line, a data folder (its ImageFolder "
-    "folders, CIFAR or .npz names) or a,b,c. Devices map their data to them by name.  "
-    "[default: 0..N-1]",
-)
-@click.option("--prompts", type=int, help="Learnable prompt tokens P.  [default: 10]")
-@click.option(
-    "--head-blocks",
-    type=int,
-    help="Blocks kept on the device before the body, K >= 1.  [default: 1]",
-)
-@click.option(
-    "--tail-blocks",
-    type=int,
-    help="Blocks kept on the device after the body, M >= 0.  [default: 0]",
-)
-@click.option(
-    "--batch", type=int, help="The device's planned batch size B (graphs take any).  [default: 8]"
-)
-@click.option(
-    "--model-arg",
-    "model_args",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="timm override, repeatable: --model-arg img_size=32 --model-arg depth=4.",
-)
-@click.option(
-    "--seed",
-    type=int,
-    help="Seed of the prompt and of any random weights (same seed, same bundle).  [default: 0]",
-)
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    help="Output folder; gets device/ and server/.  [default: bundle]",
-)
+@options_from(ExportConfig)
 @click.option(
     "--force", is_flag=True, help="Replace OUT/device and OUT/server if they hold a bundle."
 )
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="JSON or TOML file with any of these options (keys like the flags); flags win.",
-)
-def bundle(
-    config_file: Path | None, model_args: tuple[str, ...], force: bool, **flags: Any
-) -> None:
+@click.pass_context
+def bundle(ctx: click.Context, force: bool, **values: Any) -> None:
     """Export a device bundle (ONNX + TorchScript) and a server bundle (body weights)."""
-    from .bundle_writer import ExportConfig, export_bundle
+    from .bundle_writer import export_bundle
 
-    values = _config_file(config_file)
-    known = {f.name for f in fields(ExportConfig)}
-    unknown = set(values) - known
-    if unknown:
-        raise click.ClickException(f"unknown config keys: {', '.join(sorted(unknown))}")
-    values.update({k: v for k, v in flags.items() if v is not None})
+    merged = merged_values(ctx, values)
     try:
-        if model_args:
-            values["model_args"] = {**values.get("model_args", {}), **parse_model_args(model_args)}
-        for key in ("checkpoint", "out"):
-            if values.get(key) is not None:
-                values[key] = Path(values[key])
-        _resolve_classes(values)
-        cfg = ExportConfig(**values)
+        _resolve_classes(merged)
+        cfg = build(ExportConfig, merged)
         _check_output(cfg.out, force)
         _warn_if_random(cfg)
         start = time.perf_counter()
@@ -151,14 +58,12 @@ def bundle(
 
 
 def _resolve_classes(values: dict[str, Any]) -> None:
-    """Read `--classes` (a string, or a list in a config file) into names; without
-    `--num-classes` their count is the number of classes."""
+    """Read `--classes` given as a file, a folder or a,b,c into names (a config file may give
+    the list itself)."""
     from sfprompt.data.classes import read_class_names
 
     if isinstance(values.get("classes"), str):
         values["classes"] = read_class_names(values["classes"])
-    if values.get("classes") is not None and values.get("num_classes") is None:
-        values["num_classes"] = len(values["classes"])
 
 
 def _check_output(out: Path, force: bool) -> None:
@@ -199,41 +104,42 @@ def _print_bundle(result: Any, elapsed: float) -> None:
     console.print(f"the tail reads {tail.kind} {list(tail.shape)}: only that crosses the network")
 
 
+@dataclass(frozen=True)
+class PlanConfig:
+    """What `sfprompt-export plan` weighs the cuts against; the model comes from ExportConfig."""
+
+    max_head_blocks: int = field(default=4, metadata=opt("Largest K to try."))
+    max_tail_blocks: int = field(default=2, metadata=opt("Largest M to try."))
+    device_memory: float | None = field(
+        default=None, metadata=opt("Memory the device can give us, MB.")
+    )
+    device_gflops: float = field(default=10.0, metadata=opt("Device compute, GFLOP/s."))
+    uplink: float = field(default=12.0, metadata=opt("Uplink, Mbps (paper: 12)."))
+    downlink: float = field(default=54.0, metadata=opt("Downlink, Mbps (paper: 54)."))
+
+
+# plan reads the model and the prompt from ExportConfig's options, not the cut or the output
+NOT_PLANNED = ("classes", "pretrained", "checkpoint", "head_blocks", "tail_blocks", "seed", "out")
+
+
 @main.command()
-@click.option("--model", default="vit_base_patch16_224", show_default=True, help="timm model name.")
-@click.option("--num-classes", default=10, show_default=True)
-@click.option("--prompts", default=10, show_default=True)
-@click.option("--batch", default=8, show_default=True, help="Batch size the memory is planned for.")
-@click.option("--max-head-blocks", default=4, show_default=True)
-@click.option("--max-tail-blocks", default=2, show_default=True)
-@click.option("--device-memory", type=float, help="Memory the device can give us, MB.")
-@click.option("--device-gflops", default=10.0, show_default=True, help="Device compute, GFLOP/s.")
-@click.option("--uplink", default=12.0, show_default=True, help="Uplink, Mbps (paper: 12).")
-@click.option("--downlink", default=54.0, show_default=True, help="Downlink, Mbps (paper: 54).")
-@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE")
-def plan(
-    model: str,
-    num_classes: int,
-    prompts: int,
-    batch: int,
-    max_head_blocks: int,
-    max_tail_blocks: int,
-    device_memory: float | None,
-    device_gflops: float,
-    uplink: float,
-    downlink: float,
-    model_args: tuple[str, ...],
-) -> None:
+@options_from(ExportConfig, PlanConfig, skip=NOT_PLANNED)
+@click.pass_context
+def plan(ctx: click.Context, **values: Any) -> None:
     """Print device cost of every cut and recommend one for the memory and links given."""
     from .plan import plan_cuts, recommend
 
+    export, cfg = configs_from(ctx, values, ExportConfig, PlanConfig)
     try:
-        vit = create_vit(model, num_classes, model_args=parse_model_args(model_args))
+        vit = create_vit(export.model, export.num_classes, model_args=export.model_args)
     except ModelError as exc:
         raise click.ClickException(str(exc)) from exc
-    costs = plan_cuts(vit, prompts, batch, max_head_blocks, max_tail_blocks)
-    best = recommend(costs, device_memory, device_gflops, uplink, downlink)
-    title = f"{model}, P={prompts}: per sample, fp32 bytes (fp16 halves them), memory at B={batch}"
+    prompts, batch = export.prompts, export.batch
+    costs = plan_cuts(vit, prompts, batch, cfg.max_head_blocks, cfg.max_tail_blocks)
+    device_gflops, uplink, downlink = cfg.device_gflops, cfg.uplink, cfg.downlink
+    best = recommend(costs, cfg.device_memory, device_gflops, uplink, downlink)
+    title = f"{export.model}, P={prompts}: per sample, fp32 bytes (fp16 halves them), "
+    title += f"memory at B={batch}"
     table = Table(title=title)
     for col in (
         "K",
@@ -268,7 +174,7 @@ def plan(
     if best is None:
         smallest = min(costs, key=lambda c: c.peak_memory_mb)
         raise click.ClickException(
-            f"no cut fits {device_memory:.0f} MB; the smallest needs about "
+            f"no cut fits {cfg.device_memory:.0f} MB; the smallest needs about "
             f"{smallest.peak_memory_mb:.0f} MB at batch {batch}: try a smaller --batch"
         )
     console.print(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from timm.models.vision_transformer import VisionTransformer
 
-from .split_vit import Cut
+from .split_vit import Cut, tail_input_for
 
 RUNTIME_FLOOR_MB = 75.0  # a fresh python + numpy + onnxruntime process, measured on x86-64
 
@@ -76,7 +76,8 @@ def cut_cost(vit: VisionTransformer, cut: Cut, batch: int) -> CutCost:
     # Head VJP recomputes its forward, then one backward (frozen weights); the tail trains.
     backward = head_fwd + cut.head_blocks * blk + 2 * tail_fwd
 
-    tail_tokens = tokens if cut.tail_blocks > 0 else (2 if hasattr(vit, "head_dist") else 1)
+    # What the wire carries of z (and of dL/dz back) is the bundle's tail input, as exported.
+    tail_tokens = tail_input_for(vit, cut).count
     up = 4 * (tokens * dim + tail_tokens * dim)
     down = 4 * (tail_tokens * dim + tokens * dim)
 

@@ -18,7 +18,15 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from sfprompt.protocol.bundle import BATCH, PROMPT_KEY, TailInput
+from sfprompt.protocol.bundle import (
+    ALL_PATCH_TOKENS,
+    ALL_TOKENS,
+    BATCH,
+    MEAN_PATCH_TOKENS,
+    PREFIX_TOKENS,
+    PROMPT_KEY,
+    TailInput,
+)
 
 __all__ = ["PROMPT_KEY", "TAIL_PREFIX", "Cut", "SplitViT"]
 TAIL_PREFIX = "tail."
@@ -109,11 +117,11 @@ class Tail(nn.Module):
         # Mean-pool here only when the patch tokens themselves arrive; a pooled input (or the
         # class token) is read at position 0.
         self.pool_mean = vit.global_pool == "avg" and tail_input.kind in (
-            "all_tokens",
-            "all_patch_tokens",
+            ALL_TOKENS,
+            ALL_PATCH_TOKENS,
         )
         self.pool_offset = (
-            vit.num_prefix_tokens + cut.prompts if tail_input.kind == "all_tokens" else 0
+            vit.num_prefix_tokens + cut.prompts if tail_input.kind == ALL_TOKENS else 0
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -133,25 +141,25 @@ def tail_input_for(vit: VisionTransformer, cut: Cut) -> TailInput:
     dim = vit.embed_dim
     if cut.tail_blocks > 0:
         tokens = vit.num_prefix_tokens + cut.prompts + vit.patch_embed.num_patches
-        return TailInput("all_tokens", tokens, (BATCH, tokens, dim))
+        return TailInput(ALL_TOKENS, tokens, (BATCH, tokens, dim))
     if vit.global_pool == "token":
         count = 2 if hasattr(vit, "head_dist") else 1
-        return TailInput("prefix_tokens", count, (BATCH, count, dim))
+        return TailInput(PREFIX_TOKENS, count, (BATCH, count, dim))
     if isinstance(vit.norm, nn.Identity):
-        return TailInput("mean_patch_tokens", 1, (BATCH, 1, dim))
+        return TailInput(MEAN_PATCH_TOKENS, 1, (BATCH, 1, dim))
     # A per-token norm before mean pooling: the mean cannot be taken before the tail.
     return TailInput(
-        "all_patch_tokens", vit.patch_embed.num_patches, (BATCH, vit.patch_embed.num_patches, dim)
+        ALL_PATCH_TOKENS, vit.patch_embed.num_patches, (BATCH, vit.patch_embed.num_patches, dim)
     )
 
 
 def select_tail_input(z: torch.Tensor, tail_input: TailInput, skip: int) -> torch.Tensor:
     """Cut z (B, T, D) down to what the tail reads; `skip` = prefix tokens + prompts."""
-    if tail_input.kind == "prefix_tokens":
+    if tail_input.kind == PREFIX_TOKENS:
         return z[:, : tail_input.count]
-    if tail_input.kind == "mean_patch_tokens":
+    if tail_input.kind == MEAN_PATCH_TOKENS:
         return z[:, skip:].mean(dim=1, keepdim=True)
-    if tail_input.kind == "all_patch_tokens":
+    if tail_input.kind == ALL_PATCH_TOKENS:
         return z[:, skip:]
     return z
 

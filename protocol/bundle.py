@@ -46,19 +46,26 @@ class BundleError(ValueError):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One graph input or output: shape entries are ints or the string `"batch"`."""
+    """One tensor a reader expects: a graph input or output, a trainable parameter, or what a
+    message carries (`codec.Expectations`). Shape entries are sizes or `BATCH`, any size."""
 
     name: str
     dtype: str
     shape: tuple[int | str, ...]
 
+    def dtype_matches(self, dtype: object) -> bool:
+        return str(dtype) == self.dtype
+
+    def shape_matches(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) == len(self.shape) and all(
+            want in (BATCH, got) for want, got in zip(self.shape, shape, strict=True)
+        )
+
     def check(self, array_shape: tuple[int, ...], array_dtype: str) -> None:
         """Raise `BundleError` if an array does not fit this spec."""
-        if str(array_dtype) != self.dtype:
+        if not self.dtype_matches(array_dtype):
             raise BundleError(f"{self.name}: expected dtype {self.dtype}, got {array_dtype}")
-        if len(array_shape) != len(self.shape) or any(
-            want != BATCH and want != got for want, got in zip(self.shape, array_shape)
-        ):
+        if not self.shape_matches(array_shape):
             raise BundleError(
                 f"{self.name}: expected shape {list(self.shape)}, got {list(array_shape)}"
             )
@@ -74,15 +81,18 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
 
 
+# What the tail reads of the body output z (`TailInput.kind`), and how many tokens that is:
+PREFIX_TOKENS = "prefix_tokens"  # the first `count`: the class token (+ a DeiT's distillation)
+MEAN_PATCH_TOKENS = "mean_patch_tokens"  # the mean of the patch tokens, as one token
+ALL_PATCH_TOKENS = "all_patch_tokens"  # the patch tokens, when a per-token norm precedes pooling
+ALL_TOKENS = "all_tokens"  # the whole sequence, when the tail holds blocks
+TAIL_INPUT_KINDS = (PREFIX_TOKENS, MEAN_PATCH_TOKENS, ALL_PATCH_TOKENS, ALL_TOKENS)
+
+
 @dataclass(frozen=True)
 class TailInput:
-    """What the tail reads of the body output z, so only that crosses the network.
-
-    kind: "prefix_tokens" (the first `count` tokens: the class token, plus the distillation
-    token for distilled DeiTs), "mean_patch_tokens" (the mean of the patch tokens, as one
-    token), "all_patch_tokens" (the patch tokens, when a per-token norm precedes mean pooling)
-    or "all_tokens" (the whole sequence, when the tail holds blocks).
-    """
+    """What the tail reads of the body output z, so only that crosses the network: `kind` is
+    one of `TAIL_INPUT_KINDS`, `count` the tokens it sends per sample."""
 
     kind: str
     count: int

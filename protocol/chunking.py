@@ -26,14 +26,33 @@ import numpy as np
 
 from .codec import encode
 from .errors import BAD_CHUNK, BUSY, TOO_LARGE, ProtocolError
-from .messages import Chunk, Envelope
+from .messages import Chunk, Envelope, Message
 from .wire import DEFAULT_LIMITS, Limits
 
 CHUNK_OVERHEAD = 1024
 """Bytes reserved per chunk for its safetensors header (the actual header is ~400 bytes)."""
+PACKET_OVERHEAD = 4096
+"""Bytes reserved below the broker's Maximum Packet Size for a PUBLISH's fixed header, topic and
+properties."""
 SET_OVERHEAD = 1024
 """Bytes counted per open set beyond its buffer, bitmap and ids: the objects and dict entries
 that track it (about 800 with tracemalloc; tests/protocol/test_exhaustion.py checks the bound)."""
+
+
+def payload_limit(max_chunk_bytes: int, max_packet_bytes: int | None) -> int:
+    """The largest payload sent whole: the client's own limit, or the broker's Maximum Packet
+    Size (from its CONNACK; None or 0 when it announced none) less `PACKET_OVERHEAD`."""
+    if max_packet_bytes:
+        return min(max_chunk_bytes, max_packet_bytes - PACKET_OVERHEAD)
+    return max_chunk_bytes
+
+
+def packets_for(message: Message, limit: int) -> list[bytes]:
+    """The payloads `message` travels as: itself encoded, or chunks if that exceeds `limit`."""
+    payload = encode(message)
+    if len(payload) <= limit:
+        return [payload]
+    return split(payload, message, max(limit, CHUNK_OVERHEAD + 1))
 
 
 def split(payload: bytes, envelope: Envelope, max_chunk_bytes: int) -> list[bytes]:

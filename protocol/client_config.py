@@ -1,4 +1,4 @@
-"""How a client connects, and what its handlers receive (see `mqtt_client.py`)."""
+"""How a client connects, and what its handlers receive (see `mqtt_client.py`, `transport.py`)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ class Inbound:
     message: Message
     response_topic: str | None = None
     correlation: bytes | None = None
+    payload_bytes: int = 0  # the whole message as it crossed the wire (chunks put together)
 
 
 Handler = Callable[[Inbound], "Message | None"]  # a returned message is sent as the reply

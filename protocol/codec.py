@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Manifest
+from .bundle import BATCH, Manifest, TensorSpec
 from .errors import (
     BAD_DTYPE,
     BAD_FIELD,
@@ -51,22 +51,13 @@ from .messages import (
 )
 from .tensor_codec import check_finite, decode_tensor, encode_tensor, wire_names
 from .version import PROTOCOL_VERSION
-from .wire import DEFAULT_LIMITS, Limits, RawTensor, pack, read_header, unpack
+from .wire import DEFAULT_LIMITS, Header, Limits, RawTensor, pack, read_header, unpack
 
 CONTENT_TYPE = "application/vnd.sfprompt+safetensors"
 """MQTT v5 Content Type of every payload."""
 
 ENVELOPE_KEYS = ("version", "kind", "msg_id", "device_id", "round", "step")
 PARAM_PREFIX = "params/"
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One tensor the receiver expects, as the bundle manifest describes it."""
-
-    name: str  # message tensor field ("h", "z", "grad_z", "grad_h") or parameter name
-    shape: tuple[int, ...]  # -1 matches any size (the batch dimension)
-    dtype: str = "float32"  # after decoding; activations always decode to float32
 
 
 @dataclass(frozen=True)
@@ -89,31 +80,35 @@ class Expectations:
             if spec.name not in tensors:
                 continue
             array = tensors[spec.name]
-            if str(array.dtype) != spec.dtype:
+            if not spec.dtype_matches(array.dtype):
                 raise ProtocolError(BAD_DTYPE, spec.name, spec.dtype, array.dtype)
-            if len(array.shape) != len(spec.shape) or any(
-                want not in (-1, got) for want, got in zip(spec.shape, array.shape, strict=True)
-            ):
-                raise ProtocolError(BAD_SHAPE, spec.name, str(spec.shape), array.shape)
+            if not spec.shape_matches(array.shape):
+                raise ProtocolError(BAD_SHAPE, spec.name, _wire_shape(spec), array.shape)
+
+
+def _wire_shape(spec: TensorSpec) -> str:
+    """The expected shape as ERROR texts have always given it: -1 for the batch size."""
+    return str(tuple(-1 if n == BATCH else n for n in spec.shape))
 
 
 def expectations_for(manifest: Manifest) -> Expectations:
     """The tensor shapes a bundle implies for every message that carries tensors, so that a
-    receiver refuses a wrong shape at the boundary with an ERROR instead of failing later."""
+    receiver refuses a wrong shape at the boundary with an ERROR instead of failing later.
+    Activations always decode to float32."""
     tokens, dim = manifest.tokens, manifest.embed_dim
-    h = (-1, tokens, dim)
+    h: tuple[int | str, ...] = (BATCH, tokens, dim)
     tail = manifest.tail_input
-    z = h if tail is None else tuple(-1 if isinstance(n, str) else int(n) for n in tail.shape)
+    z = h if tail is None else tuple(BATCH if isinstance(n, str) else int(n) for n in tail.shape)
     params = tuple(
-        TensorSpec(key, tuple(int(n) for n in spec.shape), spec.dtype)
+        TensorSpec(key, spec.dtype, tuple(int(n) for n in spec.shape))
         for key, spec in manifest.parameters.items()
     )
     return Expectations(
         {
-            "smashed": (TensorSpec("h", h),),
-            "grad_h": (TensorSpec("grad_h", h),),
-            "body_out": (TensorSpec("z", z),),
-            "grad_z": (TensorSpec("grad_z", z),),
+            "smashed": (TensorSpec("h", "float32", h),),
+            "grad_h": (TensorSpec("grad_h", "float32", h),),
+            "body_out": (TensorSpec("z", "float32", z),),
+            "grad_z": (TensorSpec("grad_z", "float32", z),),
             "task": params,
             "update": params,
         }
@@ -241,30 +236,35 @@ def encode(msg: Message) -> bytes:
 
 @dataclass(frozen=True)
 class Peek:
-    """The envelope of a payload, read without touching its tensors (for de-duplication)."""
+    """The envelope of a payload, read without touching its tensors (for de-duplication and the
+    sender check). `decode` given it does not parse the header again."""
 
     kind: str
     msg_id: str
     device_id: str
+    header: Header = field(repr=False, compare=False)
 
 
 def peek(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Peek:
     """Read kind, msg_id and device_id from the header only; raises ProtocolError."""
-    header, _ = read_header(data, limits)
-    metadata = header["__metadata__"]
-    values = [metadata.get(key) for key in ("kind", "msg_id", "device_id")]
-    if not all(isinstance(value, str) for value in values):
+    header = read_header(data, limits)
+    metadata = header[0]["__metadata__"]
+    kind, msg_id, device_id = (metadata.get(key) for key in ("kind", "msg_id", "device_id"))
+    if not (isinstance(kind, str) and isinstance(msg_id, str) and isinstance(device_id, str)):
         raise ProtocolError(BAD_FIELD, "__metadata__", "kind, msg_id and device_id", metadata)
-    return Peek(*values)  # type: ignore[arg-type]
+    return Peek(kind, msg_id, device_id, header)
 
 
 def decode(
     data: bytes | bytearray | memoryview,
     limits: Limits = DEFAULT_LIMITS,
     expect: Expectations | None = None,
+    head: Peek | None = None,
 ) -> Message:
-    """Parse and validate a payload; raises ProtocolError naming the first defect found."""
-    metadata, tensors = unpack(data, limits)
+    """Parse and validate a payload; raises ProtocolError naming the first defect found.
+
+    `head`: this payload's `peek`, if taken already: its header is not parsed again."""
+    metadata, tensors = unpack(data, limits, None if head is None else head.header)
     version = _parse_int("version", metadata.get("version", ""))
     if not 1 <= version <= PROTOCOL_VERSION:
         raise ProtocolError(UNSUPPORTED_VERSION, "version", f"1..{PROTOCOL_VERSION}", version)

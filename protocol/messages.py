@@ -16,7 +16,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeAlias
+from typing import ClassVar, TypeAlias
 
 import numpy as np
 
@@ -27,7 +27,7 @@ ENCODINGS = ("fp32", "fp16", "bf16", "int8")
 """Wire encodings of activations and gradients (see `tensor_codec.py`)."""
 
 BROADCAST = "*"
-"""`device_id` of messages meant for every device (broadcast TASK, server status)."""
+"""`device_id` of messages meant for every device (a TASK for all alike, the server status)."""
 
 # "finished": every round is done (devices may leave); "stopped": the server went away (its
 # Last Will) or was stopped early, and may come back.
@@ -360,17 +360,3 @@ class Chunk(Envelope):
 Message: TypeAlias = (
     Join | Task | Smashed | BodyOut | GradZ | GradH | Update | Error | Presence | ServerStatus
 ) | Chunk
-ACTIVATIONS: tuple[type[_Activation], ...] = (Smashed, BodyOut, GradZ, GradH)
-ALL: tuple[type[Any], ...] = (
-    Join,
-    Task,
-    Smashed,
-    BodyOut,
-    GradZ,
-    GradH,
-    Update,
-    Error,
-    Presence,
-    ServerStatus,
-    Chunk,
-)

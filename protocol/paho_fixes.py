@@ -1,4 +1,4 @@
-"""A speed fix for paho-mqtt's MQTT v5 property parser, installed when `mqtt_client` is imported.
+"""A speed fix for paho-mqtt's MQTT v5 property parser, installed when `transport` is imported.
 
 paho's `Properties.unpack(buffer)` is handed the rest of the whole PUBLISH packet (properties
 and payload) and re-slices that buffer twice per property, so each property of a message copies

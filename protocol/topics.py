@@ -2,7 +2,6 @@
 
     sfp/v1/dev/{device_id}/up/{kind}     device -> server: join, smashed, grad_z, update, error
     sfp/v1/dev/{device_id}/down/{kind}   server -> one device: task, body_out, grad_h, status, error
-    sfp/v1/broadcast/{kind}              server -> every device: task
     sfp/v1/presence/{device_id}          retained Presence; the device's Last Will
     sfp/v1/server/status                 retained ServerStatus
 
@@ -20,14 +19,13 @@ from .version import PROTOCOL_VERSION
 
 UP_KINDS = ("join", "smashed", "grad_z", "update", "error")
 DOWN_KINDS = ("task", "body_out", "grad_h", "status", "error")
-BROADCAST_KINDS = ("task",)
 
 
 @dataclass(frozen=True)
 class Route:
     """What a topic says: its area, device (if any), direction (if any) and message kind."""
 
-    area: str  # "dev", "broadcast", "presence" or "server"
+    area: str  # "dev", "presence" or "server"
     device_id: str | None = None
     direction: str | None = None  # "up" or "down" under "dev"
     kind: str | None = None
@@ -46,10 +44,6 @@ class Topics:
     def down(self, device_id: str, kind: str) -> str:
         _check_kind(kind, DOWN_KINDS)
         return f"{self.root}/dev/{check_device_id(device_id)}/down/{kind}"
-
-    def broadcast(self, kind: str) -> str:
-        _check_kind(kind, BROADCAST_KINDS)
-        return f"{self.root}/broadcast/{kind}"
 
     def presence(self, device_id: str) -> str:
         return f"{self.root}/presence/{check_device_id(device_id)}"
@@ -74,9 +68,6 @@ class Topics:
         """Everything sent to one device (its own down-tree)."""
         return f"{self.root}/dev/{check_device_id(device_id)}/down/#"
 
-    def all_broadcast(self) -> str:
-        return f"{self.root}/broadcast/#"
-
     # Broker access rules ----------------------------------------------------------------
     def device_access(self, device: str) -> list[tuple[str, str]]:
         """(access, topic filter) pairs one device needs: "read", "write" or "readwrite".
@@ -88,7 +79,6 @@ class Topics:
             ("write", f"{self.root}/dev/{device}/up/#"),
             ("read", f"{self.root}/dev/{device}/down/#"),
             ("readwrite", f"{self.root}/presence/{device}"),
-            ("read", f"{self.root}/broadcast/#"),
             ("read", f"{self.root}/server/status"),
         ]
 
@@ -121,8 +111,6 @@ class Topics:
         parts = topic[len(prefix) :].split("/")
         if len(parts) == 4 and parts[0] == "dev" and parts[2] in ("up", "down"):
             return Route("dev", check_device_id(parts[1]), parts[2], parts[3])
-        if len(parts) == 2 and parts[0] == "broadcast":
-            return Route("broadcast", kind=parts[1])
         if len(parts) == 2 and parts[0] == "presence":
             return Route("presence", check_device_id(parts[1]), kind="presence")
         if parts == ["server", "status"]:

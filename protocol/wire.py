@@ -107,7 +107,11 @@ def pack(tensors: Mapping[str, RawTensor], metadata: Mapping[str, str]) -> bytes
     return b"".join([len(text).to_bytes(8, "little"), text, *buffers])
 
 
-def read_header(data: bytes | bytearray | memoryview, limits: Limits) -> tuple[dict[str, Any], int]:
+Header = tuple[dict[str, Any], int]
+"""A payload's parsed JSON header (with `__metadata__`) and the offset where its data begins."""
+
+
+def read_header(data: bytes | bytearray | memoryview, limits: Limits) -> Header:
     """Parse and check the JSON header; returns it and the offset where the data begins."""
     size = len(data)
     if size > limits.max_payload_bytes:
@@ -139,14 +143,19 @@ def read_header(data: bytes | bytearray | memoryview, limits: Limits) -> tuple[d
 
 
 def unpack(
-    data: bytes | bytearray | memoryview, limits: Limits
+    data: bytes | bytearray | memoryview, limits: Limits, header: Header | None = None
 ) -> tuple[dict[str, str], dict[str, RawTensor]]:
-    """Parse safetensors bytes into metadata and zero-copy tensor views, refusing any defect."""
-    header, start = read_header(data, limits)
-    metadata: dict[str, str] = header.pop("__metadata__")
+    """Parse safetensors bytes into metadata and zero-copy tensor views, refusing any defect.
+
+    `header`: this payload's `read_header`, when the caller has read it already (it is not
+    changed)."""
+    fields, start = header if header is not None else read_header(data, limits)
+    metadata: dict[str, str] = fields["__metadata__"]
     spans: list[tuple[int, int, str]] = []
     entries: dict[str, tuple[str, tuple[int, ...], int]] = {}
-    for name, entry in header.items():
+    for name, entry in fields.items():
+        if name == "__metadata__":
+            continue
         dtype, shape, begin, end = _check_entry(name, entry, limits)
         spans.append((begin, end, name))
         entries[name] = (dtype, shape, begin)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +64,18 @@ def option_keys(command: click.Command, names: set[str]) -> dict[str, click.Para
     return keys
 
 
+def negative_keys(command: click.Command, names: set[str]) -> dict[str, click.Parameter]:
+    """The `--no-x` sides of the boolean pairs named in `names`: `no-progress = true` in a
+    file means what `--no-progress` means."""
+    return {
+        _spelling(opt): param
+        for param in command.params
+        if param.name in names
+        for opt in getattr(param, "secondary_opts", ())
+        if opt.startswith("--")
+    }
+
+
 def _flag_name(param: click.Parameter) -> str:
     """How the file should spell `param`: its first long flag without the dashes."""
     long = [opt for opt in param.opts if opt.startswith("--")]
@@ -75,6 +86,12 @@ def _convert(ctx: click.Context, param: click.Parameter, key: str, value: Any, p
     """`value` as the flag would have given it, or a ClickException naming file, key and type.
     A repeatable flag also takes one value alone; no flag takes a table."""
     many = "a list of " if getattr(param, "multiple", False) or param.nargs != 1 else ""
+    if getattr(param.type, "takes_table", False) and isinstance(value, dict):
+        return dict(value)  # e.g. timm overrides as a table rather than KEY=VALUE items
+    if getattr(param.type, "takes_table", False) and not isinstance(value, list):
+        raise click.ClickException(
+            f"{path}: {key} must be a table (key = value) or a list of {param.type.name}"
+        )
     try:
         if isinstance(value, dict):
             raise click.BadParameter("a table/object is not a value")
@@ -119,16 +136,15 @@ def merge_config(ctx: click.Context, flags: dict[str, Any], path: Path | None) -
     return merged
 
 
-def config_values(
-    ctx: click.Context, names: set[str], path: Path, raw: Collection[str] = ()
-) -> dict[str, Any]:
+def config_values(ctx: click.Context, names: set[str], path: Path) -> dict[str, Any]:
     """The file's entries by parameter name (only `names` may be set), each converted by its
-    option's click type, except the parameters named in `raw`, whose file form differs from
-    the flag's (e.g. a table of overrides for a repeatable KEY=VALUE flag): taken as written."""
+    option's click type (a `no-x` key of a `--x/--no-x` pair to the opposite)."""
     values = {}
+    negative = negative_keys(ctx.command, names)
     for key, (param, value) in _match_keys(ctx.command, names, path).items():
-        name = str(param.name)
-        values[name] = value if name in raw else _convert(ctx, param, key, value, path)
+        values[str(param.name)] = _convert(ctx, param, key, value, path)
+        if negative.get(_spelling(key)) is param:
+            values[str(param.name)] = not values[str(param.name)]
     return values
 
 
@@ -137,7 +153,7 @@ def _match_keys(
 ) -> dict[str, tuple[click.Parameter, Any]]:
     """The file's entries with the parameter each sets; refuses unknown keys and one option
     set under two spellings (which one would win is not obvious from the file)."""
-    keys = option_keys(command, names)
+    keys = {**negative_keys(command, names), **option_keys(command, names)}
     matched: dict[str, tuple[click.Parameter, Any]] = {}
     unknown: list[str] = []
     by_name: dict[str, str] = {}

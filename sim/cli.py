@@ -5,198 +5,23 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
 
-from sfprompt.cloud_server.rounds import RoundConfig
-from sfprompt.config_file import merge_config
+from sfprompt.options import configs_from, options_from
 
-from .results import METHODS
+from .config import SimConfig
 
 # Wide enough for the summary table when the output goes to a log rather than a terminal.
 console = Console(width=None if sys.stdout.isatty() else 180)
 
 
-def _csv(kind: type) -> click.ParamType:
-    class Csv(click.ParamType):
-        name = f"{kind.__name__},..."
-
-        def convert(self, value: Any, param: Any, ctx: Any) -> tuple:
-            if isinstance(value, (list, tuple)):
-                return tuple(kind(v) for v in value)
-            try:
-                return tuple(kind(v) for v in str(value).split(",") if v.strip())
-            except ValueError:
-                self.fail(f"{value!r} is not a comma-separated list of {kind.__name__}", param, ctx)
-
-    return Csv()
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--data",
-    default="fashion-mnist",
-    show_default=True,
-    help="fashion-mnist (offline: classes 0-4 federated, the model pre-trained on 5-9), "
-    "digits (the same split of sklearn's digits, seconds-long), cifar10, cifar100, svhn, "
-    "flowers102, caltech101, food101, mnist, kmnist, fashionmnist (torchvision), or an "
-    "ImageFolder path.",
-)
-@click.option(
-    "--root",
-    type=click.Path(path_type=Path),
-    help="Where the data set's files are (fashion-mnist: /usr/share/datasets/fashion-mnist).",
-)
-@click.option("--download", is_flag=True, help="Download a torchvision data set if missing.")
-@click.option(
-    "--max-train",
-    type=int,
-    default=1800,
-    show_default=True,
-    help="Federate at most this many training images (a stratified subset; 0: all).",
-)
-@click.option(
-    "--max-test",
-    type=int,
-    default=2000,
-    show_default=True,
-    help="Evaluate on at most this many test images (a stratified subset; 0: all).",
-)
-@click.option("--model", help="A timm ViT name (default: the small digits ViT, pre-trained here).")
-@click.option(
-    "--model-arg",
-    "model_args",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="timm overrides, e.g. img_size=32 (repeatable).",
-)
-@click.option("--pretrained", is_flag=True, help="timm's pre-trained weights for --model.")
-@click.option(
-    "--checkpoint", type=click.Path(exists=True, path_type=Path), help="Local weights for --model."
-)
-@click.option(
-    "--clients",
-    type=_csv(int),
-    default="5",
-    show_default=True,
-    help="Devices; several (5,10,20,50) run a clients-count sweep.",
-)
-@click.option("--rounds", type=int, default=5, show_default=True)
-@click.option(
-    "--partitions",
-    type=_csv(str),
-    default="iid,dirichlet",
-    show_default=True,
-    help="How labels spread over devices: iid, dirichlet (at --alpha) or dirichlet:ALPHA; "
-    "each is a column of the comparison.",
-)
-@click.option(
-    "--alpha",
-    type=float,
-    default=0.1,
-    show_default=True,
-    help="Dirichlet concentration (smaller: more skewed), as in the paper.",
-)
-@click.option(
-    "--seeds",
-    type=int,
-    default=3,
-    show_default=True,
-    help="Runs of every method per partition (seeds --seed, --seed + 1, ...): mean ± std.",
-)
-@click.option(
-    "--ceilings/--no-ceilings",
-    default=True,
-    show_default=True,
-    help="Centralised linear probe, prompt + tail and full fine-tuning on the same backbone.",
-)
-@click.option("--ceiling-epochs", type=int, default=5, show_default=True)
-@click.option(
-    "--methods",
-    type=_csv(str),
-    default="sfprompt,sfl_linear,fl_full",
-    show_default=True,
-    help=f"Any of: {', '.join(METHODS)}.",
-)
-@click.option("--prompts", type=int, default=10, show_default=True)
-@click.option("--head-blocks", type=int, default=1, show_default=True)
-@click.option("--tail-blocks", type=int, default=0, show_default=True)
-@click.option(
-    "--keep-ratio",
-    type=float,
-    default=0.5,
-    show_default=True,
-    help="gamma: fraction each device keeps by EL2N pruning.",
-)
-@click.option(
-    "--prune",
-    type=click.Choice(["class", "global"]),
-    default="class",
-    show_default=True,
-    help="EL2N keeps the hardest gamma of each class, or of each device's whole set (the "
-    "paper's rule; the sfprompt_global_prune method runs it beside).",
-)
-@click.option("--local-epochs", type=int, default=1, show_default=True)
-@click.option(
-    "--local-lr",
-    type=float,
-    default=RoundConfig.local_lr,
-    show_default=True,
-    help="Local-loss phase (the paper: 1e-4); the same default as sfprompt-cloud serve.",
-)
-@click.option(
-    "--split-lr",
-    type=float,
-    default=RoundConfig.split_lr,
-    show_default=True,
-    help="Split-training phase; the same default as sfprompt-cloud serve.",
-)
-@click.option(
-    "--baseline-lr",
-    type=float,
-    default=0.01,
-    show_default=True,
-    help="SGD (momentum 0.9) learning rate of FL and SFL.",
-)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--server-lr", type=float, default=1.0, show_default=True)
-@click.option(
-    "--uplink",
-    "uplink_mbps",
-    type=float,
-    default=12.0,
-    show_default=True,
-    help="Mbps, for the round-time estimate (the paper's appendix Table 1).",
-)
-@click.option("--downlink", "downlink_mbps", type=float, default=54.0, show_default=True)
-@click.option("--device-gflops", type=float, default=10.0, show_default=True)
-@click.option("--server-gflops", type=float, default=10000.0, show_default=True)
-@click.option(
-    "--pretrain-epochs",
-    type=int,
-    help="Pre-training epochs of the default backbone (default: the shipped one's).",
-)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default="runs/sim", show_default=True)
-@click.option(
-    "--cache",
-    type=click.Path(path_type=Path),
-    default=str(Path.home() / ".cache/sfprompt"),
-    show_default=True,
-    help="Where the pre-trained digits ViT is kept.",
-)
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(exists=True, path_type=Path),
-    help="JSON or TOML file of these options (flags given here win).",
-)
+@options_from(SimConfig)
 @click.pass_context
-def main(ctx: click.Context, config_file: Path | None, **flags: Any) -> None:
+def main(ctx: click.Context, **values: Any) -> None:
     """Run a whole federation on this machine and compare SFPrompt with the baselines.
 
     Starts an embedded Mosquitto, the cloud server and one device process per client (real
@@ -220,25 +45,14 @@ def main(ctx: click.Context, config_file: Path | None, **flags: Any) -> None:
       sfprompt-sim --data cifar10 --root ~/data --download \\
           --model vit_base_patch16_224 --pretrained --clients 10 --rounds 20
     """
-    from sfprompt.export.model_loading import ModelError, parse_model_args
+    from sfprompt.export.model_loading import ModelError
 
     from .comparison import comparison_rows, print_comparison
-    from .pipeline import SimConfig, run_simulation
+    from .pipeline import run_simulation
     from .report import print_summary
 
-    values = merge_config(ctx, flags, config_file)
-    values["model_args"] = parse_model_args(values["model_args"]) if values["model_args"] else {}
-    for key in ("max_train", "max_test"):
-        if values.get(key) == 0:
-            values[key] = None
-    for key in ("root", "checkpoint", "out", "cache"):
-        if values.get(key) is not None:
-            values[key] = Path(values[key])
-    unknown = set(values["methods"]) - set(METHODS)
-    if unknown:
-        raise click.UsageError(f"unknown method(s) {', '.join(sorted(unknown))}")
     try:
-        cfg = SimConfig(**{f.name: values[f.name] for f in fields(SimConfig) if f.name in values})
+        (cfg,) = configs_from(ctx, values, SimConfig)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     _interrupt_on_signals()

@@ -8,7 +8,7 @@ stage, so that each can be read (and replaced) on its own.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,75 +19,9 @@ from sfprompt.export.bundle_writer import ExportConfig, ExportResult, export_bun
 from sfprompt.export.split_vit import Cut
 
 from .comparison import SeedRun
+from .config import SimConfig
 from .device_memory import ModelSpec
 from .results import SPLIT_METHODS, Features, MethodResult
-
-# SFL is left out of the default only for `make demo`'s 15 minutes: add it with --methods
-# (its bytes at any scale are in sim/comm_model.py without running it).
-DEFAULT_METHODS = ("sfprompt", "sfl_linear", "fl_full")
-CACHE = Path.home() / ".cache" / "sfprompt"
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    """Every option of `sfprompt-sim`; `--config FILE` fills the same fields."""
-
-    data: str = "fashion-mnist"  # or digits (seconds-long), a torchvision set, an ImageFolder
-    root: Path | None = None  # where the data set's files live
-    download: bool = False
-    max_train: int | None = 1800  # a seeded stratified subset (None: all)
-    max_test: int | None = 2000
-    model: str | None = None  # None: the small ViT pre-trained on classes 5-9 (shipped/cached)
-    model_args: dict[str, Any] = field(default_factory=dict)
-    pretrained: bool = False  # timm weights for --model, when reachable
-    checkpoint: Path | None = None  # local weights for --model
-    pretrain_epochs: int | None = None  # None: the data set's default (sim/pretrain.py)
-    clients: tuple[int, ...] = (5,)  # several: a clients-count sweep
-    rounds: int = 5
-    partitions: tuple[str, ...] = ("iid", "dirichlet")  # iid, dirichlet, dirichlet:ALPHA
-    alpha: float = 0.1  # Dirichlet concentration over labels, as in the paper
-    seeds: int = 3  # every method runs with seeds seed, seed + 1, ...
-    ceilings: bool = True  # centralised linear probe, prompt + tail, full fine-tuning
-    ceiling_epochs: int = 5
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    prompts: int = 10
-    head_blocks: int = 1
-    tail_blocks: int = 0
-    keep_ratio: float = 0.5
-    prune: str = "class"  # EL2N's hardest fraction per class, or "global" (the paper's rule)
-    local_epochs: int = 1
-    local_lr: float = RoundConfig.local_lr  # one set of defaults with `sfprompt-cloud serve`
-    split_lr: float = RoundConfig.split_lr
-    baseline_lr: float = 0.01  # SGD (momentum 0.9) of the in-process baselines
-    batch_size: int = 32
-    server_lr: float = 1.0
-    uplink_mbps: float = 12.0
-    downlink_mbps: float = 54.0
-    device_gflops: float = 10.0
-    server_gflops: float = 10000.0
-    seed: int = 0
-    out: Path = Path("runs/sim")
-    cache: Path = CACHE
-
-    def __post_init__(self) -> None:
-        """Refuse what would only fail after minutes of work."""
-        if self.seeds < 1 or self.rounds < 1:
-            raise ValueError(f"seeds and rounds must be >= 1, got {self.seeds}, {self.rounds}")
-        if not self.partitions:
-            raise ValueError("give at least one partition (iid, dirichlet or dirichlet:ALPHA)")
-        for spec in self.partitions:
-            kind, sep, value = spec.partition(":")
-            valid = spec == "iid" or (kind == "dirichlet" and (not sep or _positive(value)))
-            if not valid:
-                raise ValueError(f"unknown partition {spec!r}: iid, dirichlet or dirichlet:ALPHA")
-
-
-def _positive(text: str) -> bool:
-    try:
-        return float(text) > 0
-    except ValueError:
-        return False
-
 
 Progress = Callable[[str], None]
 
@@ -105,7 +39,7 @@ def run_simulation(cfg: SimConfig, say: Progress = print) -> SimOutcome:
     (first partition and seed), then the report."""
     from . import baselines, comparison, datasets, partition, report
     from .run_baseline import run_baseline
-    from .run_split import CostModel, SplitSettings, method_settings, run_split_method
+    from .run_split import CostModel, method_settings, run_split_method
 
     out = Path(cfg.out)
     model_name, model_args, checkpoint = prepare_model(cfg, say)
@@ -123,7 +57,7 @@ def run_simulation(cfg: SimConfig, say: Progress = print) -> SimOutcome:
 
     cut = Cut(cfg.head_blocks, cfg.tail_blocks, cfg.prompts)
     cost = CostModel(build_model(), cut, cfg)  # type: ignore[arg-type]
-    base = SplitSettings(
+    base = RoundConfig(
         rounds=cfg.rounds,
         keep_ratio=cfg.keep_ratio,
         prune=cfg.prune,
@@ -307,6 +241,7 @@ def split_features(method: str, bundle: ExportResult, run_dir: Path, data) -> Fe
     """What the tail reads under the method's final global prompt, on up to 500 test images."""
     from sfprompt.cloud_server.body_model import ServerModel
     from sfprompt.cloud_server.checkpoint import load_checkpoint
+    from sfprompt.cloud_server.evaluation import features
     from sfprompt.data.transforms import EvalTransform
 
     ckpt = load_checkpoint(run_dir / "server/checkpoint.safetensors")
@@ -314,5 +249,5 @@ def split_features(method: str, bundle: ExportResult, run_dir: Path, data) -> Fe
     model = ServerModel.from_bundle(bundle.server_dir)
     images = data.test_images[:500]
     x = EvalTransform.from_config(bundle.device.preprocess).from_uint8(images)
-    feats = model.features(ckpt.params, x)
+    feats = features(model, ckpt.params, x)
     return Features(method, feats.reshape(len(feats), -1), data.test_labels[:500])

@@ -18,6 +18,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sfprompt.export.bundle_writer import preprocess_config
-from sfprompt.export.model_loading import create_vit
+from sfprompt.export.model_loading import create_vit, parse_model_args
+from sfprompt.options import configs_from, opt, options_from
 
 from .datasets import DIGITS_PRETRAINING, pretraining_set, stratified_split
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"
+CACHE = Path.home() / ".cache" / "sfprompt"  # where trained backbones are kept
 # Per data set: the default small ViT's shape. Fashion-MNIST's 28 x 28 images in 7 x 7 patches
 # give 16 tokens, so three seeds of every method fit `make demo`'s budget on two cores.
 MODEL_ARGS: dict[str, dict[str, Any]] = {
@@ -305,39 +308,43 @@ def _readable(path: Path) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything `sfprompt-pretrain` takes."""
+
+    data: str = field(
+        default="fashion-mnist",
+        metadata=opt(
+            "Pre-train on this data set's classes 5-9 (the federation gets 0-4).",
+            choices=tuple(sorted(MODEL_ARGS)),
+        ),
+    )
+    root: Path | None = field(default=None, metadata=opt("Where the data set's files are."))
+    epochs: int | None = field(  # None: DEFAULT_EPOCHS of the data set
+        default=None, metadata=opt("Default: 12 (fashion-mnist) or 30 (digits).")
+    )
+    model_args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=opt(
+            "Override the default ViT's shape, e.g. depth=4 (repeatable).",
+            flag="--model-arg",
+            metavar="KEY=VALUE",
+            convert=parse_model_args,
+        ),
+    )
+    seed: int = field(default=0, metadata=opt("Seed of the weights and of the held-out split."))
+    out: Path = field(
+        default=CACHE,
+        metadata=opt(
+            "Folder to write the weights to (sim/weights/ to ship them with the package)."
+        ),
+    )
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--data",
-    type=click.Choice(sorted(MODEL_ARGS)),
-    default="fashion-mnist",
-    show_default=True,
-    help="Pre-train on this data set's classes 5-9 (the federation gets 0-4).",
-)
-@click.option("--root", type=click.Path(path_type=Path), help="Where the data set's files are.")
-@click.option("--epochs", type=int, help="Default: 12 (fashion-mnist) or 30 (digits).")
-@click.option(
-    "--model-arg",
-    "model_args",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override the default ViT's shape, e.g. depth=4 (repeatable).",
-)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    default=str(Path.home() / ".cache/sfprompt"),
-    show_default=True,
-    help="Folder to write the weights to (sim/weights/ to ship them with the package).",
-)
-def main(
-    data: str,
-    root: Path | None,
-    epochs: int | None,
-    model_args: tuple[str, ...],
-    seed: int,
-    out: Path,
-) -> None:
+@options_from(PretrainConfig)
+@click.pass_context
+def main(ctx: click.Context, **values: Any) -> None:
     """Pre-train the simulator's small ViT on the classes 5-9 of a data set.
 
     `sfprompt-sim` does this by itself when no shipped or cached file matches; run it on its
@@ -347,10 +354,11 @@ def main(
       sfprompt-pretrain --data fashion-mnist --out sim/weights
       sha256sum sim/weights/*.safetensors
     """
-    from sfprompt.export.model_loading import parse_model_args
-
-    args = {**MODEL_ARGS[data], **parse_model_args(model_args)}
-    path = pretrained_vit(out, data, model_args=args, epochs=epochs, seed=seed, root=root)
+    (cfg,) = configs_from(ctx, values, PretrainConfig)
+    args = {**MODEL_ARGS[cfg.data], **cfg.model_args}
+    path = pretrained_vit(
+        cfg.out, cfg.data, model_args=args, epochs=cfg.epochs, seed=cfg.seed, root=cfg.root
+    )
     meta = read_metadata(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     click.echo(

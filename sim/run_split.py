@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,11 @@ from timm.models.vision_transformer import VisionTransformer
 
 from sfprompt.cloud_server.broker_access import FleetAccess, fleet_passwords
 from sfprompt.cloud_server.metrics import MetricsLog
+from sfprompt.cloud_server.rounds import RoundConfig
+from sfprompt.cloud_server.server import BrokerSettings, ModelSource, ServeConfig
+from sfprompt.edge_client.config import EdgeConfig
 from sfprompt.export.split_vit import Cut
+from sfprompt.options import Verbosity, write_config
 from sfprompt.protocol.broker import EmbeddedBroker
 
 from .costs import Links, round_minutes, sfprompt_round_flops
@@ -42,27 +46,8 @@ NO_TORCH = (
 )
 
 
-@dataclass(frozen=True)
-class SplitSettings:
-    """The server's round settings for one split method (see `method_settings`)."""
-
-    rounds: int
-    keep_ratio: float
-    local_epochs: int
-    local_lr: float
-    split_lr: float
-    batch_size: int
-    server_lr: float = 1.0
-    fraction: float = 1.0
-    prune: str = "class"  # EL2N per class, or "global" (the paper's rule)
-    seed: int = 0
-    round_timeout_s: float = 600.0
-
-
-def method_settings(method: str, base: SplitSettings) -> SplitSettings:
+def method_settings(method: str, base: RoundConfig) -> RoundConfig:
     """SFPrompt's ablations switch one phase off; SFL+Linear switches both off."""
-    from dataclasses import replace
-
     if method == "sfprompt":
         return base
     if method == "sfprompt_global_prune":
@@ -91,7 +76,7 @@ def run_split_method(
     device_bundle: Path,
     shards: list[Path],
     test: Path,
-    settings: SplitSettings,
+    settings: RoundConfig,
     costs: CostModel,
     out: Path,
     progress: Callable[[int, float | None], None] = lambda done, accuracy: None,
@@ -107,11 +92,10 @@ def run_split_method(
     fleet = FleetAccess((SERVER_USER,), tuple(ids), fleet_passwords(clients, [SERVER_USER, *ids]))
     with EmbeddedBroker(out / "broker", access=fleet.write) as broker:
         broker.start()
-        server = _server(
-            _Login(broker.url, SERVER_USER, clients), server_bundle, test, settings, len(ids), out
-        )
+        rounds = replace(settings, min_devices=len(ids), wait_for_devices_s=300.0)
+        server = _server(_Login(broker.url, SERVER_USER, clients), server_bundle, test, rounds, out)
         devices = [
-            _device(_Login(broker.url, device_id, clients), device_bundle, shard, logs)
+            _device(_Login(broker.url, device_id, clients), device_bundle, shard, out)
             for device_id, shard in zip(ids, shards, strict=True)
         ]
         finished = False
@@ -141,35 +125,52 @@ class _Login:
     user: str
     clients: Path
 
-    def args(self) -> list[str]:
-        password = self.clients / self.user / "password"
-        return ["--broker", self.url, "--username", self.user, "--password-file", str(password)]
+    @property
+    def password_file(self) -> Path:
+        return self.clients / self.user / "password"
 
 
-def _server(login: _Login, bundle, test, s: SplitSettings, devices: int, out: Path):
-    logs = out / "logs"
-    args = [
-        str(BIN / "sfprompt-cloud"), "serve", "--no-progress", "-v",
-        "--bundle", str(bundle), *login.args(), "--out", str(out / "server"),
-        "--test-data", str(test), "--eval-samples", "100000",
-        "--rounds", str(s.rounds), "--min-devices", str(devices), "--fraction", str(s.fraction),
-        "--keep-ratio", str(s.keep_ratio), "--prune", s.prune,
-        "--local-epochs", str(s.local_epochs),
-        "--local-lr", str(s.local_lr), "--split-lr", str(s.split_lr),
-        "--batch-size", str(s.batch_size), "--server-lr", str(s.server_lr),
-        "--seed", str(s.seed), "--round-timeout", str(s.round_timeout_s),
-        "--wait-for-devices", "300",
-    ]  # fmt: skip
-    return subprocess.Popen(args, stdout=open(logs / "server.log", "wb"), stderr=subprocess.STDOUT)
-
-
-def _device(login: _Login, bundle: Path, shard: Path, logs: Path):
-    args = [
-        sys.executable, "-c", NO_TORCH, "--bundle", str(bundle), "--data", str(shard),
-        *login.args(), "--device-id", login.user, "--leave-when-server-stops", "--threads", "1",
-    ]  # fmt: skip
-    log = logs / f"{login.user}.log"
+def _server(login: _Login, bundle: Path, test: Path, rounds: RoundConfig, out: Path):  # noqa: ANN202
+    """`sfprompt-cloud serve --config OUT/config/server.json`, the file written from ServeConfig."""
+    cfg = ServeConfig(
+        source=ModelSource(bundle=bundle),
+        broker=BrokerSettings(
+            url=login.url, username=login.user, password_file=login.password_file
+        ),
+        rounds=rounds,
+        out=out / "server",
+        test_data=test,
+        eval_samples=100000,
+        progress=False,
+    )
+    path = write_config(_config_path(out, "server"), cfg, Verbosity(verbose=True))
+    args = [str(BIN / "sfprompt-cloud"), "serve", "--config", str(path)]
+    log = out / "logs" / "server.log"
     return subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+
+def _device(login: _Login, bundle: Path, shard: Path, out: Path):  # noqa: ANN202
+    """`sfprompt-edge start --config OUT/config/<device id>.json` without torch, written from
+    EdgeConfig."""
+    cfg = EdgeConfig(
+        bundle=bundle,
+        data=shard,
+        device_id=login.user,
+        broker=login.url,
+        username=login.user,
+        password_file=login.password_file,
+        threads=1,
+        leave_when_server_stops=True,
+    )
+    path = write_config(_config_path(out, login.user), cfg)
+    log = out / "logs" / f"{login.user}.log"
+    args = [sys.executable, "-c", NO_TORCH, "--config", str(path)]
+    return subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+
+def _config_path(out: Path, name: str) -> Path:
+    (out / "config").mkdir(exist_ok=True)
+    return out / "config" / f"{name}.json"
 
 
 def _wait(server, devices, metrics: Path, rounds: int, progress) -> None:  # noqa: ANN001
@@ -203,7 +204,7 @@ def stop_processes(procs: list[subprocess.Popen], grace_s: float) -> None:
 
 
 def _result(
-    method: str, clients: int, lines: list[dict], s: SplitSettings, costs: CostModel
+    method: str, clients: int, lines: list[dict], s: RoundConfig, costs: CostModel
 ) -> MethodResult:
     result = MethodResult(method, clients)
     result.notes.append(

@@ -14,15 +14,7 @@ import numpy as np
 import pytest
 
 from sfprompt.cloud_server.batcher import BodyBatcher
-from sfprompt.cloud_server.body_model import BodyConfig, ServerModel
-from sfprompt.export.bundle_writer import ExportConfig
-from tests.conftest import SMALL_VIT
-
-
-@pytest.fixture(scope="module")
-def model() -> ServerModel:
-    cfg = ExportConfig(num_classes=5, model_args=dict(SMALL_VIT), prompts=3, seed=1)
-    return ServerModel.from_timm(cfg, BodyConfig(device="cpu"))
+from sfprompt.cloud_server.body_model import ServerModel
 
 
 class Results:

@@ -19,12 +19,13 @@ import torch
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file, save_file
 
+from sfprompt.cloud_server import evaluation
 from sfprompt.cloud_server.body_model import BodyConfig, ServerModel
 from sfprompt.export.bundle_writer import WEIGHTS_FILE, ExportConfig, write_bundles
 from sfprompt.export.model_loading import create_vit
 from sfprompt.export.split_vit import SplitViT, select_tail_input
 from sfprompt.protocol.bundle import PROMPT_KEY, BundleError, load_manifest, write_manifest
-from tests.conftest import SMALL_VIT
+from tests.bundles import SMALL_VIT
 
 CASES = {
     # name: (model_args, head_blocks, tail_blocks): the class token crosses the wire (m = 0),
@@ -128,12 +129,12 @@ def test_evaluate_and_logits_equal_the_eager_split_model(case: Case) -> None:
     rng = np.random.default_rng(5)
     images = rng.standard_normal((7, 3, 32, 32)).astype(np.float32)
     want = eager_logits(case, params, images)
-    logits = case.model.logits(params, images, batch_size=3)
+    logits = evaluation.logits(case.model, params, images, batch_size=3)
     assert logits.shape == (7, 7) and rel_err(logits, want) <= 1e-4
 
     labels = want.argmax(axis=1)
     labels[:3] = (labels[:3] + 1) % 7  # three wrong on purpose
-    result = case.model.evaluate(params, images, labels, batch_size=3)
+    result = evaluation.evaluate(case.model, params, images, labels, batch_size=3)
     shifted = want - want.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     assert result.samples == 7
@@ -144,7 +145,7 @@ def test_evaluate_and_logits_equal_the_eager_split_model(case: Case) -> None:
 def test_features_are_what_the_tail_reads(case: Case) -> None:
     params = case.model.initial_parameters()
     images = np.random.default_rng(6).standard_normal((5, 3, 32, 32)).astype(np.float32)
-    features = case.model.features(params, images, batch_size=2)
+    features = evaluation.features(case.model, params, images, batch_size=2)
     with torch.no_grad():
         h = case.split.head(torch.from_numpy(images), torch.from_numpy(params[PROMPT_KEY]))
         want = eager_z(case.split, h).numpy()
@@ -200,11 +201,11 @@ def test_wrong_shapes_and_dtypes_raise_value_error_naming_the_tensor(case: Case)
     del params[PROMPT_KEY]
     images = np.zeros((1, 3, 32, 32), np.float32)
     with pytest.raises(ValueError, match=r"missing \['prompt.tokens'\]"):
-        model.evaluate(params, images, np.zeros(1, np.int64))
+        evaluation.evaluate(model, params, images, np.zeros(1, np.int64))
     with pytest.raises(ValueError, match=r"images: expected .*\(N, 3, 32, 32\)"):
-        model.logits(model.initial_parameters(), images[:, :, :16])
+        evaluation.logits(model, model.initial_parameters(), images[:, :, :16])
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 7\)"):
-        model.evaluate(model.initial_parameters(), images, np.array([7]))
+        evaluation.evaluate(model, model.initial_parameters(), images, np.array([7]))
 
 
 def copy_bundle(case: Case, to: Path) -> Path:
@@ -284,6 +285,7 @@ def test_cuda_matches_cpu(case: Case) -> None:
     assert rel_err(model.body_vjp(h, grad_z), case.model.body_vjp(h, grad_z)) <= 1e-3
     params = perturbed(model.initial_parameters(), seed=10)
     images = np.random.default_rng(11).standard_normal((3, 3, 32, 32)).astype(np.float32)
-    assert rel_err(model.logits(params, images), case.model.logits(params, images)) <= 1e-3
+    want = evaluation.logits(case.model, params, images)
+    assert rel_err(evaluation.logits(model, params, images), want) <= 1e-3
     bf16 = ServerModel.from_bundle(case.server_dir, BodyConfig(device="cuda", bf16=True))
     assert rel_err(bf16.body_forward(h), case.model.body_forward(h)) < 0.1

@@ -14,25 +14,17 @@ import numpy as np
 import pytest
 
 from sfprompt.cloud_server.batcher import BatcherBusy, BodyBatcher
-from sfprompt.cloud_server.body_model import BodyConfig, ServerModel
+from sfprompt.cloud_server.body_model import ServerModel
 from sfprompt.cloud_server.body_service import BodyService
 from sfprompt.cloud_server.registry import Registry, RegistryFull
 from sfprompt.cloud_server.step_state import StepStore
 from sfprompt.edge_client.split_link import SplitLink
-from sfprompt.export.bundle_writer import ExportConfig
 from sfprompt.protocol.broker import EmbeddedBroker
 from sfprompt.protocol.client_config import connection_config
 from sfprompt.protocol.codec import expectations_for
 from sfprompt.protocol.errors import TOO_LARGE, ProtocolError, RemoteError
 from sfprompt.protocol.messages import Join
 from sfprompt.protocol.mqtt_client import MqttClient
-from tests.conftest import SMALL_VIT
-
-
-@pytest.fixture(scope="module")
-def model() -> ServerModel:
-    cfg = ExportConfig(num_classes=5, model_args=dict(SMALL_VIT), prompts=3, seed=1)
-    return ServerModel.from_timm(cfg, BodyConfig(device="cpu"))
 
 
 def h_of(model: ServerModel, samples: int, seed: int = 0) -> np.ndarray:
@@ -225,6 +217,7 @@ def test_smashed_never_followed_by_grad_z_hold_a_bounded_number_of_steps(
     assert grad_h.shape == h.shape
 
 
+@pytest.mark.slow
 def test_a_busy_server_is_retried_by_the_device(
     model: ServerModel, served: tuple[str, BodyService], device: MqttClient
 ) -> None:

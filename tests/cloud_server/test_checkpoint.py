@@ -19,7 +19,6 @@ import safetensors.numpy
 from sfprompt.cloud_server.checkpoint import (
     Checkpoint,
     CheckpointError,
-    config_fingerprint,
     load_checkpoint,
     save_checkpoint,
 )
@@ -44,7 +43,7 @@ def _checkpoint(round: int = 4) -> Checkpoint:
         params=params,
         history=history,
         rng_state=rng.bit_generator.state,
-        fingerprint=config_fingerprint({"model": "vit_tiny", "head_blocks": 1}),
+        fingerprint="ab" * 32,  # as the server writes it: the bundle's contract hash
     )
 
 
@@ -76,11 +75,9 @@ def test_absent_checkpoint_is_none(tmp_path: Path) -> None:
 def test_other_configuration_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "server.safetensors"
     save_checkpoint(path, _checkpoint())
-    other = config_fingerprint({"head_blocks": 1, "model": "vit_base"})
+    other = "cd" * 32
     with pytest.raises(CheckpointError, match="server.safetensors.*written for configuration"):
         load_checkpoint(path, fingerprint=other)
-    # Key order does not change a fingerprint.
-    assert config_fingerprint({"a": 1, "b": 2}) == config_fingerprint({"b": 2, "a": 1})
 
 
 @pytest.mark.parametrize("keep", [0, 4, 20, -1, -100])
@@ -192,6 +189,7 @@ def _version(path: Path) -> tuple[int, int] | None:
     return stat.st_ino, stat.st_mtime_ns
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_leaves_a_complete_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "server.safetensors"
     temps = f".{path.name}.*.tmp"

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from sfprompt.cloud_server.evaluation import EVAL_SEED, load_test_set
 from sfprompt.cloud_server.metrics import RoundMetrics
-from sfprompt.cloud_server.server import EVAL_SEED, load_test_set
 from sfprompt.data.sampling import stratified_subset
 
 # mean 0, std 1 at the images' own size: the model input is pixel / 255, so rows can be read back

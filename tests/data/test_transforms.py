@@ -16,7 +16,7 @@ from sfprompt.data.errors import DataError
 from sfprompt.data.transforms import EvalTransform
 from sfprompt.export.bundle_writer import preprocess_config
 from sfprompt.export.model_loading import create_vit
-from tests.conftest import SMALL_VIT
+from tests.bundles import SMALL_VIT
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,7 @@ def _timm_input(transform: object, image: Image.Image) -> np.ndarray:
         return transform(image.convert("RGB")).numpy()  # type: ignore[operator]
 
 
+@pytest.mark.slow
 def test_the_224_config_is_timms_own() -> None:
     """The manifest of an unmodified 224 model holds what timm resolves (crop 0.9, bicubic)."""
     vit = create_vit("vit_tiny_patch16_224", 10)

@@ -14,10 +14,11 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from sfprompt.data.errors import DataError
-from sfprompt.edge_client.device import EdgeConfig, EdgeDevice
+from sfprompt.edge_client.config import EdgeConfig
+from sfprompt.edge_client.device import EdgeDevice
 from sfprompt.export.cli import main
 from sfprompt.protocol.bundle import load_manifest
-from tests.conftest import SMALL_VIT
+from tests.bundles import SMALL_VIT
 
 NAMES = ["bird", "cat", "dog"]
 UNUSED_BROKER = "mqtt://127.0.0.1:9"  # never dialled: the device fails before connecting
@@ -52,6 +53,7 @@ def _device(bundle: Path, data: Path) -> EdgeDevice:
     return EdgeDevice(config)
 
 
+@pytest.mark.slow
 def test_both_bundles_name_the_classes_and_share_the_contract(bundle: Path) -> None:
     device, server = load_manifest(bundle / "device"), load_manifest(bundle / "server")
     assert device.classes == server.classes == NAMES and device.num_classes == 3
@@ -64,6 +66,7 @@ def test_class_count_that_disagrees_is_refused_before_export(tmp_path: Path) -> 
     assert "Traceback" not in result.output and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_device_without_a_class_trains_the_others_with_the_bundles_labels(
     bundle: Path, tmp_path: Path
 ) -> None:
@@ -74,11 +77,13 @@ def test_device_without_a_class_trains_the_others_with_the_bundles_labels(
     assert by_folder == {"bird": 0, "dog": 2}  # 'dog' would be 1 in the folder's own order
 
 
+@pytest.mark.slow
 def test_device_refuses_a_folder_the_bundle_does_not_know(bundle: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="'zebra'.*'bird', 'cat', 'dog'"):
         _device(bundle, _folder(tmp_path / "data", ["bird", "cat", "dog", "zebra"]))
 
 
+@pytest.mark.slow
 def test_a_bundle_exported_before_classes_loads_with_numbered_classes(
     bundle: Path, tmp_path: Path
 ) -> None:

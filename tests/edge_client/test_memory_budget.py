@@ -16,14 +16,15 @@ from sfprompt.edge_client.memory_budget import (
 )
 from sfprompt.edge_client.profile import ProfileConfig, run_profile
 from sfprompt.protocol.bundle import BundleError
-from tests.edge_client.test_torchscript_runtime import device_bundle
+from tests.bundles import ExportedCases
 
 GENEROUS_MB = 100_000.0
 
 
 @pytest.fixture(scope="module")
-def bundle(bundles_root: Path) -> Path:
-    return device_bundle(bundles_root)
+def bundle(exported_cases: ExportedCases) -> Path:
+    """One tail block, mean pooling: the bundle the TorchScript runtime tests use too."""
+    return exported_cases["avg_m1"].result.device_dir
 
 
 def test_candidates_are_the_batch_then_powers_of_two_below_it() -> None:
@@ -65,6 +66,7 @@ def test_bad_arguments_are_refused_before_any_child_runs(bundle: Path, tmp_path:
         choose_micro_batch(tmp_path, "onnx", 4, GENEROUS_MB)
 
 
+@pytest.mark.slow
 def test_the_onnx_child_never_imports_torch_and_the_torchscript_child_does(bundle: Path) -> None:
     onnx = measure_step(bundle, "onnx", batch=3, micro_batch=2, threads=1)
     ts = measure_step(bundle, "torchscript", batch=3, micro_batch=2, threads=1)

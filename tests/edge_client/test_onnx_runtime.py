@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,12 +10,16 @@ from sfprompt.edge_client.onnx_runtime import OnnxDeviceRuntime
 from sfprompt.edge_client.tail_input import scatter_grad, select
 from sfprompt.export.device_graphs import weighted_cross_entropy
 from sfprompt.export.split_vit import PROMPT_KEY, select_tail_input
-from tests.export.conftest import export_case
+from tests.bundles import Exported, ExportedCases
 
 
-@pytest.fixture(scope="module", params=["token_m0", "avg_m0", "avg_m1"])
-def case(request: pytest.FixtureRequest, bundles_root: Path):
-    return export_case(request.param, bundles_root / "runtime")
+# avg_m0 (the only mean-pooled tail input) only in the full run: one more export for the fast loop
+@pytest.fixture(
+    scope="module",
+    params=["token_m0", pytest.param("avg_m0", marks=pytest.mark.slow), "avg_m1"],
+)
+def case(request: pytest.FixtureRequest, exported_cases: ExportedCases) -> Exported:
+    return exported_cases[request.param]
 
 
 def test_local_loss_prompt_gradient_matches_autograd(case) -> None:

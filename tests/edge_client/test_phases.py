@@ -16,7 +16,8 @@ from sfprompt.edge_client.phases import LocalData, RoundAborted, self_update
 from sfprompt.export.split_vit import select_tail_input
 from sfprompt.protocol.bundle import PROMPT_KEY
 from sfprompt.protocol.messages import PhaseSettings
-from tests.federation.harness import eager_split, write_shards
+from tests.bundles import eager_split
+from tests.federation.harness import write_shards
 
 
 @pytest.fixture(scope="module")

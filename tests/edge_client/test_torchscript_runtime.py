@@ -15,24 +15,16 @@ from sfprompt.edge_client.tail_input import select
 from sfprompt.edge_client.torchscript_runtime import TorchScriptDeviceRuntime
 from sfprompt.export.split_vit import PROMPT_KEY
 from sfprompt.protocol.bundle import BundleError
-from tests.export.conftest import export_case
+from tests.bundles import ExportedCases
 
 # One tail block, mean pooling: the tail twins take 16 parameters, so their order matters.
 CASE = "avg_m1"
 RTOL = 1e-4
 
 
-def device_bundle(root: Path, name: str = CASE) -> Path:
-    """Export a bundle once per session (test_memory_budget.py shares it)."""
-    out = root / "edge_runtimes"
-    if not (out / name / "server" / "manifest.json").is_file():  # the server is written last
-        export_case(name, out)
-    return out / name / "device"
-
-
 @pytest.fixture(scope="module")
-def bundle(bundles_root: Path) -> Path:
-    return device_bundle(bundles_root)
+def bundle(exported_cases: ExportedCases) -> Path:
+    return exported_cases[CASE].result.device_dir
 
 
 def assert_close(got: np.ndarray, want: np.ndarray, what: str, rtol: float = RTOL) -> None:

@@ -16,13 +16,12 @@ from sfprompt.export.model_loading import ModelError, create_vit, load_checkpoin
 from sfprompt.export.split_vit import PROMPT_KEY
 from sfprompt.protocol.bundle import BundleError, load_manifest
 from sfprompt.protocol.version import PROTOCOL_VERSION
-from tests.conftest import SMALL_VIT
-from tests.export.conftest import export_case
+from tests.bundles import SMALL_VIT, Exported, ExportedCases
 
 
 @pytest.fixture(scope="module")
-def small(bundles_root: Path):
-    return export_case("token_m0", bundles_root / "integrity")
+def small(exported_cases: ExportedCases) -> Exported:
+    return exported_cases["token_m0"]
 
 
 def copy_bundle(src: Path, tmp_path: Path) -> Path:
@@ -102,6 +101,7 @@ def test_cli_reports_user_mistakes_without_a_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_cli_writes_a_bundle_from_a_config_file_and_flags(tmp_path: Path) -> None:
     config = tmp_path / "export.json"
     config.write_text(

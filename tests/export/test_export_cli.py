@@ -21,7 +21,7 @@ from sfprompt.export import model_loading
 from sfprompt.export.cli import main
 from sfprompt.export.model_loading import create_vit
 from sfprompt.protocol.bundle import Manifest, load_manifest
-from tests.conftest import SMALL_VIT
+from tests.bundles import SMALL_VIT
 
 TINY = ["--model", "vit_tiny_patch16_224", "--num-classes", "3", "--prompts", "2", "--seed", "5"]
 TINY += [arg for k, v in SMALL_VIT.items() for arg in ("--model-arg", f"{k}={v}")]
@@ -53,11 +53,13 @@ def first(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return root / "b", result.output
 
 
+@pytest.mark.slow
 def test_a_random_export_says_so(first: tuple[Path, str]) -> None:
     _, output = first
     assert "random weights" in output and "--pretrained or --checkpoint" in output
 
 
+@pytest.mark.slow
 def test_an_existing_bundle_is_kept_without_force(first: tuple[Path, str]) -> None:
     out, _ = first
     before = (out / "device" / "manifest.json").read_text()
@@ -76,6 +78,7 @@ def test_an_empty_output_folder_is_fine_and_a_file_in_the_way_is_refused(tmp_pat
     assert occupied_outputs(tmp_path) == [tmp_path / "server"]
 
 
+@pytest.mark.slow
 def test_two_identical_random_exports_give_the_same_bundle(first: tuple[Path, str]) -> None:
     """Devices holding the first bundle keep working with the server of the second."""
     out, _ = first
@@ -140,6 +143,7 @@ def test_pretrained_without_the_hub_uses_the_cached_weights(no_hub: Path) -> Non
     assert vit.pretrained_cfg["crop_pct"] == 1.0  # the caller's overlay is kept
 
 
+@pytest.mark.slow
 def test_pretrained_in_offline_mode_exits_soon_suggesting_checkpoint(tmp_path: Path) -> None:
     """The real command, as a user without the network runs it (HF_HUB_OFFLINE=1)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}

@@ -17,7 +17,7 @@ from sfprompt.export.bundle_writer import example_inputs
 from sfprompt.export.device_graphs import weighted_cross_entropy
 from sfprompt.export.split_vit import PROMPT_KEY
 from sfprompt.protocol.bundle import BATCH
-from tests.export.conftest import Exported
+from tests.bundles import Exported
 
 RTOL = 1e-4
 

@@ -1,5 +1,6 @@
-"""Real processes for the federation tests: a server, devices (with torch made unloadable), a
-Mosquitto broker of the test's own, a small exported bundle and sklearn's digits as data."""
+"""Real processes for the federation tests: a server, devices (with torch made unloadable),
+their logs and metrics, and sklearn's digits as data. The bundle is `small_export`
+(tests/conftest.py) and the broker the test's own (`broker`, or an `EmbeddedBroker`)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
+import psutil
 
-from sfprompt.export.bundle_writer import ExportConfig, ExportResult, write_bundles
-from sfprompt.export.model_loading import create_vit
-from sfprompt.export.split_vit import SplitViT
+from sfprompt.export.bundle_writer import ExportResult
 from sfprompt.sim.run_split import stop_processes
-from tests.conftest import SMALL_VIT
 
 NO_TORCH = (
     "import sys\n"
@@ -26,27 +23,6 @@ NO_TORCH = (
     "    sys.modules[name] = None  # an onnx device must train without them\n"
 )
 BIN = Path(sys.executable).parent
-
-
-def export_small(out: Path, num_classes: int = 10, seed: int = 0) -> ExportResult:
-    """A 4-block 32x32 ViT cut K=1, M=0, with a non-zero classifier so gradients are telling."""
-    cfg = ExportConfig(
-        model="vit_tiny_patch16_224",
-        num_classes=num_classes,
-        model_args=dict(SMALL_VIT),
-        prompts=4,
-        head_blocks=1,
-        tail_blocks=0,
-        batch=4,
-        out=out,
-        seed=seed,
-    )
-    torch.manual_seed(seed)
-    vit = create_vit(cfg.model, num_classes, model_args=dict(SMALL_VIT))
-    with torch.no_grad():
-        vit.head.weight.normal_(0, 0.05)
-        vit.head.bias.normal_(0, 0.05)
-    return write_bundles(SplitViT.cut_model(vit, cfg.cut), cfg, progress=lambda _: None)
 
 
 def digits_images() -> tuple[np.ndarray, np.ndarray]:
@@ -108,6 +84,16 @@ def start_fleet_device(
     )  # fmt: skip
 
 
+def log_text(log: Path) -> str:
+    """A process's log so far ("" before it is created)."""
+    return log.read_text(errors="replace") if log.exists() else ""
+
+
+def brokers_of(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    """The Mosquitto processes a server process started (its embedded broker)."""
+    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "mosquitto" in p.name()]
+
+
 def metrics_lines(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -116,16 +102,6 @@ def metrics_lines(path: Path) -> list[dict]:
         with contextlib.suppress(json.JSONDecodeError):  # a line being written
             lines.append(json.loads(line))
     return lines
-
-
-def wait_for(condition, timeout: float, what: str, procs=()) -> None:  # noqa: ANN001
-    """Poll `condition` until true; fail with `what` (and any dead process's log) on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def finish(proc: subprocess.Popen[bytes], timeout: float, log: Path) -> int:
@@ -141,29 +117,3 @@ def finish(proc: subprocess.Popen[bytes], timeout: float, log: Path) -> int:
 def stop_all(*procs: subprocess.Popen[bytes]) -> None:
     """SIGTERM every process still running, SIGKILL any that does not stop in 10 s."""
     stop_processes(list(procs), grace_s=0.0)
-
-
-def eager_split(result: ExportResult) -> tuple[SplitViT, dict[str, torch.Tensor]]:
-    """The exported model rebuilt in eager PyTorch from the server bundle's files, and the
-    initial prompt + tail by bundle key: the reference the device and server must match."""
-    from safetensors.torch import load_file
-
-    from sfprompt.export.split_vit import Cut
-
-    manifest = result.server
-    vit = create_vit(manifest.model, manifest.num_classes, model_args=dict(manifest.model_args))
-    split = SplitViT.cut_model(
-        vit, Cut(manifest.head_blocks, manifest.tail_blocks, manifest.prompts)
-    )
-    split.head.load_state_dict(load_file(str(result.server_dir / "head.safetensors")))
-    body = load_file(str(result.server_dir / "body.safetensors"))
-    first = manifest.head_blocks
-    split.body.load_state_dict(
-        {f"blocks.{int(k.split('.')[1]) - first}.{k.split('.', 2)[2]}": v for k, v in body.items()}
-    )
-    params = load_file(str(result.server_dir / "prompt_tail.safetensors"))
-    tail_state = {name: params[key] for name, key in split.tail_keys().items()}
-    split.tail.load_state_dict(tail_state, strict=False)
-    for module in (split.head, split.body, split.tail):
-        module.eval()
-    return split, params

@@ -57,6 +57,7 @@ def test_an_extreme_but_finite_h_gets_an_error_not_nan(small_export, tmp_path: P
                 server.close()
 
 
+@pytest.mark.slow
 def test_devices_fail_a_poisoned_round_and_carry_on(small_export, tmp_path: Path) -> None:
     """The server resumes from a global prompt at 1e25 (a poisoned model): the body's output
     overflows, every device's round fails, and no device exits; the rounds still end."""

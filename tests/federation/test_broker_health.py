@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
-from pathlib import Path
 
-import psutil
 import pytest
 
 from sfprompt.protocol.broker import BrokerWatchdog, EmbeddedBroker, WatchPolicy
@@ -17,26 +14,21 @@ from sfprompt.protocol.client_config import ClientConfig
 from sfprompt.protocol.errors import TransportError
 from sfprompt.protocol.mqtt_client import MqttClient
 from tests.federation.harness import (
+    brokers_of,
     finish,
+    log_text,
     metrics_lines,
     start_fleet_device,
     start_server,
     stop_all,
-    wait_for,
     write_shards,
 )
+from tests.helpers import wait_for
 
 COMMON = ("--batch-size", "16", "--keep-ratio", "0.5", "--local-lr", "0.01", "--split-lr", "0.05")
 
 
-def brokers_of(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
-    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "mosquitto" in p.name()]
-
-
-def text(log: Path) -> str:
-    return log.read_text(errors="replace") if log.exists() else ""
-
-
+@pytest.mark.slow
 def test_killed_broker_comes_back_and_the_federation_finishes(small_export, tmp_path):
     """kill -9 of the embedded Mosquitto after round 1: the server starts it again on the same
     port, server and device reconnect by themselves, and all three rounds complete. Before
@@ -71,15 +63,16 @@ def test_killed_broker_comes_back_and_the_federation_finishes(small_export, tmp_
         assert second.pid != first.pid
         listening = lambda: any(c.laddr.port == port for c in second.net_connections("tcp"))  # noqa: E731
         wait_for(listening, 30, f"the new broker listening on port {port}")
-        assert finish(server, 300, tmp_path / "server.log") == 0, text(tmp_path / "server.log")
-        assert finish(device, 60, tmp_path / "pi-1.log") == 0, text(tmp_path / "pi-1.log")
+        assert finish(server, 300, tmp_path / "server.log") == 0, log_text(tmp_path / "server.log")
+        assert finish(device, 60, tmp_path / "pi-1.log") == 0, log_text(tmp_path / "pi-1.log")
     finally:
         stop_all(server, *([device] if device else []))
     assert [m["round"] for m in metrics_lines(out / "metrics.jsonl")] == [1, 2, 3]
-    log = " ".join(text(tmp_path / "server.log").split())  # as wrapped by the console
+    log = " ".join(log_text(tmp_path / "server.log").split())  # as wrapped by the console
     assert "starting it again on its address" in log and "the broker is back" in log, log
 
 
+@pytest.mark.slow
 def test_serve_without_devices_names_the_way_in(small_export, tmp_path):
     """The embedded broker admits only the devices it is told; without any, serve says how."""
     server = start_server(
@@ -87,7 +80,7 @@ def test_serve_without_devices_names_the_way_in(small_export, tmp_path):
         log=tmp_path / "server.log",
     )  # fmt: skip
     assert finish(server, 120, tmp_path / "server.log") == 1
-    assert "--devices" in text(tmp_path / "server.log")
+    assert "--devices" in log_text(tmp_path / "server.log")
 
 
 def test_watchdog_gives_up_when_the_address_is_taken(tmp_path):

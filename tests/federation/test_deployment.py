@@ -15,19 +15,20 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from sfprompt.protocol.broker import BrokerProcess, free_port
 from tests.federation.harness import (
     BIN,
     NO_TORCH,
+    brokers_of,
     finish,
+    log_text,
     metrics_lines,
     stop_all,
-    wait_for,
     write_shards,
 )
+from tests.helpers import wait_for
 
 COMMON = ("--batch-size", "16", "--keep-ratio", "0.5", "--local-lr", "0.01", "--split-lr", "0.05")
 
@@ -60,14 +61,7 @@ def login(device_id: str, out: Path) -> tuple[str, ...]:
     return ("--username", device_id, "--password-file", str(password))
 
 
-def text(log: Path) -> str:
-    return log.read_text(errors="replace") if log.exists() else ""
-
-
-def brokers_of(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
-    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "mosquitto" in p.name()]
-
-
+@pytest.mark.slow
 def test_restarted_server_comes_back_on_its_address_and_devices_rejoin(small_export, tmp_path):
     """Without -v the server says where devices connect; SIGKILLed, its broker goes with it;
     restarted on the same OUT it listens where it did, and the device carries on by itself."""
@@ -82,7 +76,7 @@ def test_restarted_server_comes_back_on_its_address_and_devices_rejoin(small_exp
     try:
         wait_for(lambda: (out / "broker_url").exists(), 60, "the broker URL")
         url = (out / "broker_url").read_text().strip()
-        wait_for(lambda: url in text(tmp_path / "server1.log"), 10, "the URL in the log")
+        wait_for(lambda: url in log_text(tmp_path / "server1.log"), 10, "the URL in the log")
         (first_broker,) = brokers_of(server)
         device = edge(
             "--bundle", str(small_export.device_dir), "--data", str(shard), "--broker", url,
@@ -100,7 +94,7 @@ def test_restarted_server_comes_back_on_its_address_and_devices_rejoin(small_exp
         stop_all(server, *([device] if device else []))
     assert (out / "broker_url").read_text().strip() == url  # the same address after a restart
     assert [m["round"] for m in metrics_lines(out / "metrics.jsonl")] == [1, 2, 3]
-    log = text(tmp_path / "pi-1.log")
+    log = log_text(tmp_path / "pi-1.log")
     for said in (
         "connected to",
         "joined the federation",
@@ -111,6 +105,7 @@ def test_restarted_server_comes_back_on_its_address_and_devices_rejoin(small_exp
     assert log.count("joined the federation") == 2, log[-3000:]  # once, then once again
 
 
+@pytest.mark.slow
 def test_a_taken_port_is_refused_by_name(small_export, tmp_path):
     """Another process on the port: the server must not silently use somebody else's broker."""
     other = BrokerProcess(_plain_config(tmp_path, port := free_port()), [port]).start()
@@ -123,8 +118,8 @@ def test_a_taken_port_is_refused_by_name(small_export, tmp_path):
     finally:
         other.stop()
     assert code == 1
-    assert f"127.0.0.1:{port}" in text(tmp_path / "server.log")
-    assert "taken" in text(tmp_path / "server.log")
+    assert f"127.0.0.1:{port}" in log_text(tmp_path / "server.log")
+    assert "taken" in log_text(tmp_path / "server.log")
 
 
 def _plain_config(tmp_path: Path, port: int) -> Path:
@@ -162,7 +157,7 @@ def test_device_stops_at_once_on_what_retrying_cannot_heal(small_export, tmp_pat
             log=tmp_path / "pi-1.log",
         )  # fmt: skip
         code = finish(device, 60, tmp_path / "pi-1.log")
-    log = text(tmp_path / "pi-1.log")
+    log = log_text(tmp_path / "pi-1.log")
     assert code == 3, log
     assert time.monotonic() - started < 45
     assert ("refused" if problem == "password" else "unknown broker host") in log, log
@@ -235,6 +230,7 @@ def machines() -> Iterator[Machines]:
     fleet.down()
 
 
+@pytest.mark.slow
 def test_readme_fleet_runs_as_written_across_machines(small_export, tmp_path, machines):
     """README "Running a federation": the server listens on 0.0.0.0:1883 on its machine; two
     devices on two others connect to mqtt://server:1883 by name, and every round completes."""
@@ -275,4 +271,4 @@ def test_readme_fleet_runs_as_written_across_machines(small_export, tmp_path, ma
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(sorted(r["accepted"]) == ["pi-1", "pi-2"] for r in rounds)
     for i in (1, 2):
-        assert "connected to mqtt://server:1883" in text(tmp_path / f"pi-{i}.log")
+        assert "connected to mqtt://server:1883" in log_text(tmp_path / f"pi-{i}.log")

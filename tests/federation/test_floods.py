@@ -6,6 +6,8 @@ from __future__ import annotations
 import queue
 from pathlib import Path
 
+import pytest
+
 from sfprompt.protocol.broker import EmbeddedBroker
 from sfprompt.protocol.client_config import Inbound, connection_config
 from sfprompt.protocol.errors import RequestTimeout
@@ -24,6 +26,7 @@ FAKES = 300
 ROUND_TIMEOUT_S = 45
 
 
+@pytest.mark.slow
 def test_fake_joins_do_not_stall_rounds(small_export, tmp_path: Path) -> None:
     shards = write_shards(tmp_path / "data", devices=1, per_device=32)
     out = tmp_path / "server"

@@ -28,9 +28,9 @@ from tests.federation.harness import (
     start_fleet_device,
     start_server,
     stop_all,
-    wait_for,
     write_shards,
 )
+from tests.helpers import wait_for
 
 HONEST = ("dev-0", "dev-1", "dev-2")
 ROUNDS = 6
@@ -134,6 +134,7 @@ def run_federation(
     return metrics_lines(out / "metrics.jsonl"), out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_poisoned_updates_do_not_stop_the_federation(small_export, tmp_path: Path) -> None:
     clean, clean_out = run_federation(small_export, tmp_path, "clean", {}, *ROBUST)
@@ -167,6 +168,7 @@ def test_poisoned_updates_do_not_stop_the_federation(small_export, tmp_path: Pat
     )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_with_every_bound_off_the_server_keeps_its_last_good_model(
     small_export, tmp_path: Path

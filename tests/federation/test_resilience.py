@@ -11,25 +11,17 @@ import pytest
 
 from sfprompt.cloud_server.checkpoint import load_checkpoint
 from sfprompt.cloud_server.rounds import params_digest
-from sfprompt.protocol.broker import EmbeddedBroker, free_port
 from tests.federation.harness import (
     finish,
     metrics_lines,
     start_fleet_device,
     start_server,
     stop_all,
-    wait_for,
     write_shards,
 )
+from tests.helpers import wait_for
 
 COMMON = ("--batch-size", "16", "--keep-ratio", "0.5", "--local-lr", "0.01", "--split-lr", "0.05")
-
-
-@pytest.fixture()
-def broker(tmp_path: Path):
-    with EmbeddedBroker(tmp_path / "broker", port=free_port(), persistence=True) as running:
-        running.start()
-        yield running
 
 
 def devices(bundle, broker, shards, tmp_path: Path, *extra: str):
@@ -55,6 +47,7 @@ def restart_device(bundle, broker, shard: Path, i: int, tmp_path: Path):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_server_killed_and_restarted_resumes_from_its_last_round(small_export, broker, tmp_path):
     shards = write_shards(tmp_path / "data", devices=2, per_device=32)
     out = tmp_path / "server"
@@ -86,6 +79,7 @@ def test_server_killed_and_restarted_resumes_from_its_last_round(small_export, b
     assert resumed["params_before"] == params_digest(saved.params)  # identical parameters
 
 
+@pytest.mark.slow
 def test_devices_that_vanish_mid_round_do_not_stall_the_federation(small_export, broker, tmp_path):
     """Mid-round one device is SIGKILLed (the broker publishes its Last Will) and one freezes
     silently (SIGSTOP: no Will until its keep-alive runs out). The round ends by its deadline
@@ -119,6 +113,7 @@ def test_devices_that_vanish_mid_round_do_not_stall_the_federation(small_export,
     assert second["accepted"] == ["dev-0", "dev-1", "dev-2"]
 
 
+@pytest.mark.slow
 def test_a_broker_restarted_mid_round_does_not_stop_the_federation(small_export, broker, tmp_path):
     shards = write_shards(tmp_path / "data", devices=2, per_device=160)  # rounds of seconds
     out = tmp_path / "server"

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from sfprompt.protocol.broker import EmbeddedBroker
 from tests.federation.harness import (
     finish,
     metrics_lines,
@@ -22,13 +21,7 @@ def bundle(small_export):
     return small_export
 
 
-@pytest.fixture()
-def broker(tmp_path: Path):
-    with EmbeddedBroker(tmp_path / "broker") as running:
-        running.start()
-        yield running
-
-
+@pytest.mark.slow
 def test_three_devices_finish_rounds_against_the_real_server(bundle, broker, tmp_path: Path):
     """Rounds complete with every device's update averaged, the model evaluated after each
     round, and the bytes and memory of each device reported."""

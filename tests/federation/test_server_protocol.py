@@ -20,11 +20,14 @@ from sfprompt.protocol.codec import expectations_for
 from sfprompt.protocol.errors import RemoteError, RequestTimeout
 from sfprompt.protocol.messages import Error, GradZ, Join, Presence, Smashed, Task, Update
 from sfprompt.protocol.mqtt_client import MqttClient
-from tests.federation.harness import eager_split, finish, start_server, stop_all, write_shards
+from tests.bundles import eager_split
+from tests.federation.harness import finish, start_server, stop_all, write_shards
+from tests.helpers import wait_for
 
 ID = "probe"
 
 
+@pytest.mark.slow
 def test_scripted_device_against_the_server(small_export, tmp_path: Path) -> None:
     write_shards(tmp_path / "data", devices=0, per_device=0)
     out = tmp_path / "server"
@@ -131,19 +134,10 @@ def send_bad_updates_then_a_good_one(client: MqttClient, task: Task, errors: lis
     good = {k: v + np.float32(0.01) for k, v in params.items()}
     for body, round_ in ((bad_shape, task.round), (nan, task.round), (good, task.round + 7)):
         client.publish(topic, Update(device_id=ID, round=round_, params=body, samples=10))
-    wait_until(lambda: len(errors) >= 3)
+    wait_for(lambda: len(errors) >= 3, what="an ERROR for each bad update")
     client.publish(topic, Update(device_id=ID, round=task.round, params=good, samples=10))
     client.publish(topic, Update(device_id=ID, round=task.round, params=good, samples=10))
-    wait_until(lambda: len(errors) >= 4)
-
-
-def wait_until(condition, timeout: float = 30.0) -> None:  # noqa: ANN001
-    import time
-
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "no ERROR came back"
-        time.sleep(0.05)
+    wait_for(lambda: len(errors) >= 4, what="an ERROR for the repeated update")
 
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:

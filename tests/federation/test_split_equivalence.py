@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from sfprompt.cloud_server.checkpoint import load_checkpoint
@@ -13,8 +14,8 @@ from sfprompt.data.datasets import load_image_set
 from sfprompt.data.transforms import EvalTransform
 from sfprompt.protocol.broker import EmbeddedBroker
 from sfprompt.protocol.bundle import PROMPT_KEY
+from tests.bundles import eager_split
 from tests.federation.harness import (
-    eager_split,
     finish,
     start_device,
     start_server,
@@ -50,6 +51,7 @@ def torch_step(result, shard: Path) -> tuple[dict[str, np.ndarray], dict[str, np
     return before, after
 
 
+@pytest.mark.slow
 def test_one_split_step_equals_pytorch_training_of_the_whole_model(small_export, tmp_path: Path):
     (shard,) = write_shards(tmp_path / "data", devices=1, per_device=SAMPLES)
     out = tmp_path / "server"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from sfprompt.cloud_server.body_service import worker_of
 from sfprompt.protocol.broker import EmbeddedBroker
 from tests.federation.harness import (
@@ -29,6 +31,7 @@ def device_ids_for(workers: int) -> list[str]:
     return [ids[w] for w in range(workers)]
 
 
+@pytest.mark.slow
 def test_two_body_workers_serve_their_own_devices(small_export, tmp_path: Path) -> None:
     ids = device_ids_for(2)
     shards = write_shards(tmp_path / "data", devices=2, per_device=32)

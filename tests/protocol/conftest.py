@@ -1,9 +1,8 @@
-"""Fixtures: a private Mosquitto per test (never the system one) and connected clients."""
+"""Fixtures: connected clients on the test's private broker (`broker`, tests/conftest.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,13 +10,6 @@ import pytest
 from sfprompt.protocol.broker import EmbeddedBroker
 from sfprompt.protocol.client_config import ClientConfig
 from sfprompt.protocol.mqtt_client import MqttClient
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
-    """A private Mosquitto on a free loopback port, with persistence, stopped after the test."""
-    with EmbeddedBroker(tmp_path / "broker", persistence=True) as running:
-        yield running
 
 
 @pytest.fixture

@@ -1,13 +1,10 @@
-"""Helpers shared by the protocol tests: sample messages of every kind, comparisons, waits."""
+"""Helpers shared by the protocol tests: sample messages of every kind and their comparison."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import pytest
 
 from sfprompt.protocol.messages import (
     BodyOut,
@@ -80,12 +77,3 @@ def assert_same(a: Message, b: Message, atol: float = 0.0) -> None:
                 np.testing.assert_array_equal(other[key], value[key])
         else:
             assert value == other, name
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
-    """Poll until `condition()` holds; fail the test with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
-        time.sleep(0.02)

@@ -1,4 +1,4 @@
-"""Import rules of the protocol part: it works where torch is absent, and only the client (and
+"""Import rules of the protocol part: it works where torch is absent, and only the transport (and
 its fix of paho's property parser) imports paho, so the transport can be swapped in one place."""
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ def test_protocol_imports_without_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_only_the_client_imports_paho() -> None:
+def test_only_the_transport_imports_paho() -> None:
     importers = {
         path.name
         for path in PROTOCOL.glob("*.py")
         if re.search(r"^\s*(import|from)\s+paho", path.read_text(), re.M)
     }
-    assert importers == {"mqtt_client.py", "paho_fixes.py"}
+    assert importers == {"transport.py", "paho_fixes.py"}
 
 
 def test_nothing_unpickles() -> None:

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from protocol_fixtures import wait_for
 
 from sfprompt.cloud_server import broker_access
 from sfprompt.cloud_server.broker_config import (
@@ -30,6 +29,7 @@ from sfprompt.protocol.errors import TransportError
 from sfprompt.protocol.messages import Message, Smashed, Task
 from sfprompt.protocol.mqtt_client import MqttClient
 from sfprompt.protocol.topics import Topics
+from tests.helpers import wait_for
 
 T = Topics()
 NOT_AUTHORIZED = 0x87
@@ -110,7 +110,6 @@ def test_tls_with_generated_certificates_carries_traffic(
     server.subscribe(T.all_up(), lambda inbound: got.append(inbound.message))
     device = clients("cam-01")
     device.subscribe(T.device_inbox("cam-01"), lambda inbound: got.append(inbound.message))
-    device.subscribe(T.all_broadcast(), lambda inbound: got.append(inbound.message))
     device.subscribe(T.server_status(), lambda inbound: None)
     device.publish(T.up("cam-01", "smashed"), Smashed(device_id="cam-01", h=np.ones(4, np.float32)))
     wait_for(lambda: len(got) == 1, what="device -> server")
@@ -163,7 +162,7 @@ def test_device_cannot_publish_on_another_devices_topics(
         assert info.value.reason_code == NOT_AUTHORIZED, topic
     settings_task = Task(device_id="*", params={}, settings=_settings())
     with pytest.raises(TransportError):
-        device.publish(T.broadcast("task"), settings_task)
+        device.publish(f"{T.root}/broadcast/task", settings_task)
     device.publish(T.up("cam-01", "smashed"), Smashed(device_id="cam-01", h=np.ones(4, np.float32)))
     wait_for(lambda: len(got) == 1, what="own topic")
     assert got[0].device_id == "cam-01"  # the forged message never arrived

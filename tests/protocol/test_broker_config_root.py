@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
-from protocol_fixtures import wait_for
 
 from sfprompt.cloud_server.cli import main
 from sfprompt.protocol.broker import BrokerError, BrokerProcess, find_mosquitto, free_port
@@ -28,6 +27,7 @@ from sfprompt.protocol.client_config import connection_config, read_password
 from sfprompt.protocol.messages import Message, Smashed
 from sfprompt.protocol.mqtt_client import MqttClient
 from sfprompt.protocol.topics import Topics
+from tests.helpers import wait_for
 
 
 def _why_skip() -> str | None:

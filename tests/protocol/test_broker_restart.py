@@ -9,13 +9,14 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from protocol_fixtures import wait_for
+import pytest
 
 from sfprompt.protocol.broker import EmbeddedBroker
 from sfprompt.protocol.client_config import ClientConfig, Inbound
 from sfprompt.protocol.messages import BodyOut, Message, PhaseSettings, Smashed, Task
 from sfprompt.protocol.mqtt_client import MqttClient
 from sfprompt.protocol.topics import Topics
+from tests.helpers import wait_for
 
 T = Topics()
 
@@ -26,6 +27,7 @@ def _client(broker: EmbeddedBroker, client_id: str) -> MqttClient:
     )
 
 
+@pytest.mark.slow
 def test_sigkill_mid_exchange_every_request_handled_once(tmp_path: Path) -> None:
     """The broker is killed and restarted while a device streams requests; both clients come
     back on their own, every request is answered, and the server handles each exactly once

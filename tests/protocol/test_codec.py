@@ -13,10 +13,10 @@ import safetensors.numpy
 from protocol_fixtures import assert_same, sample_messages
 
 from sfprompt.protocol import errors
+from sfprompt.protocol.bundle import BATCH, TensorSpec
 from sfprompt.protocol.codec import (
     KINDS,
     Expectations,
-    TensorSpec,
     decode,
     encode,
     error_for,
@@ -151,8 +151,10 @@ def test_expectations_from_manifest() -> None:
     """Shapes and parameter names are checked against what the bundle manifest promises."""
     expect = Expectations(
         {
-            "smashed": (TensorSpec("h", (-1, 7, 8)),),
-            "task": tuple(TensorSpec(k, v.shape) for k, v in sample_messages()[1].params.items()),
+            "smashed": (TensorSpec("h", "float32", (BATCH, 7, 8)),),
+            "task": tuple(
+                TensorSpec(k, "float32", v.shape) for k, v in sample_messages()[1].params.items()
+            ),
         }
     )
     messages = sample_messages()

@@ -11,40 +11,19 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from protocol_fixtures import wait_for
 
-from sfprompt.protocol.chunking import Reassembler, split
+from bench.bench_floods import dangling, legit_chunks, padded_packet
+from sfprompt.protocol.chunking import Reassembler
 from sfprompt.protocol.codec import decode, encode
 from sfprompt.protocol.errors import BUSY, TOO_LARGE, ProtocolError
 from sfprompt.protocol.messages import BodyOut, Chunk, Error, Message, Smashed
 from sfprompt.protocol.mqtt_client import MqttClient
 from sfprompt.protocol.topics import Topics
 from sfprompt.protocol.wire import Limits
+from tests.helpers import wait_for
 
 T = Topics()
 MakeClient = Callable[..., MqttClient]
-
-
-def dangling(device_id: str, number: int, total_bytes: int = 2) -> Chunk:
-    """The first chunk of a set whose other chunks never come (chunks of one byte)."""
-    return Chunk(
-        device_id=device_id,
-        msg_id=f"m{number}",
-        index=0,
-        count=total_bytes,
-        chunk_size=1,
-        total_bytes=total_bytes,
-        sha256="0" * 64,
-        data=np.zeros(1, np.uint8),
-    )
-
-
-def legit(device_id: str = "cam-01", size: int = 40_000) -> tuple[bytes, list[Chunk]]:
-    h = np.random.default_rng(0).standard_normal((1, size // 4)).astype(np.float32)
-    message = Smashed(device_id=device_id, round=1, step=1, h=h)
-    payload = encode(message)
-    chunks = [decode(p) for p in split(payload, message, 9_000)]
-    return payload, chunks  # type: ignore[return-value]
 
 
 def add_all(reassembler: Reassembler, chunks: list[Chunk]) -> bytearray | None:
@@ -62,7 +41,7 @@ def test_one_device_holds_a_bounded_number_of_sets_and_others_still_reassemble()
             assert exc.code == BUSY and "mallory" in str(exc)
             refused += 1
     assert reassembler.pending <= 64 and refused == 5_000 - reassembler.pending
-    payload, chunks = legit()
+    payload, chunks = legit_chunks(40_000, chunk_bytes=9_000)
     assert bytes(add_all(reassembler, chunks) or b"") == payload
 
 
@@ -87,7 +66,7 @@ def test_the_budget_bounds_what_sets_really_retain() -> None:
         tracemalloc.stop()
     assert retained <= 1 << 20, f"{retained >> 10} KiB retained by {reassembler.pending} sets"
     assert retained <= reassembler.buffered_bytes <= 1 << 20 and refused > 0
-    payload, chunks = legit()
+    payload, chunks = legit_chunks(40_000, chunk_bytes=9_000)
     with pytest.raises(ProtocolError, match="busy"):  # the budget is full, for everyone
         add_all(reassembler, chunks)
 
@@ -99,7 +78,7 @@ def test_two_huge_claims_from_one_device_do_not_block_another() -> None:
     with pytest.raises(ProtocolError) as refused:
         reassembler.add(dangling("mallory", 2, total_bytes=4 << 20))
     assert refused.value.code == BUSY and "mallory" in str(refused.value)
-    payload, chunks = legit(size=1 << 20)
+    payload, chunks = legit_chunks(1 << 20, chunk_bytes=9_000)
     assert bytes(add_all(reassembler, chunks) or b"") == payload
 
 
@@ -125,7 +104,7 @@ def test_duplicates_do_not_extend_expiry() -> None:
 
 def test_a_set_is_due_a_fixed_time_after_its_first_chunk() -> None:
     now = [0.0]
-    _, chunks = legit()
+    _, chunks = legit_chunks(40_000, chunk_bytes=9_000)
     reassembler = Reassembler(ttl_s=10, clock=lambda: now[0])
     reassembler.add(chunks[0])
     now[0] = 9.0
@@ -138,15 +117,6 @@ def test_a_set_is_due_a_fixed_time_after_its_first_chunk() -> None:
     assert reassembler.expire() == [] and reassembler.pending == 1
 
 
-def padded(chunk: Chunk, header_bytes: int) -> bytes:
-    """`chunk` encoded with its JSON header padded by spaces to `header_bytes`: legal JSON."""
-    payload = encode(chunk)
-    length = int.from_bytes(payload[:8], "little")
-    header = payload[8 : 8 + length].rstrip(b" ")
-    header += b" " * (header_bytes - len(header))
-    return len(header).to_bytes(8, "little") + header + payload[8 + length :]
-
-
 def test_padded_chunk_headers_are_counted_not_retained() -> None:
     """50 sets whose first chunk has a 1 MiB header: the set keeps its layout, not the packet."""
     reassembler = Reassembler()
@@ -155,7 +125,7 @@ def test_padded_chunk_headers_are_counted_not_retained() -> None:
     try:
         before = tracemalloc.get_traced_memory()[0]
         for number in range(50):
-            packet = padded(dangling(f"dev-{number}", number, total_bytes=16), (1 << 20) - 8)
+            packet = padded_packet(dangling(f"dev-{number}", number, total_bytes=16), (1 << 20) - 8)
             reassembler.add(decode(packet))  # type: ignore[arg-type]
             del packet
         gc.collect()
@@ -184,6 +154,7 @@ def _body_out_server(make_client: MakeClient) -> MqttClient:
     return server
 
 
+@pytest.mark.slow
 def test_a_flood_of_dangling_sets_over_mqtt(make_client: MakeClient) -> None:
     """2,000 dangling chunk sets from one device: the server holds a bounded few, tells the
     flooder `busy`, and answers another device's chunked SMASHED."""

@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from protocol_fixtures import sample_messages
 
+from sfprompt.protocol.bundle import BATCH, TensorSpec
 from sfprompt.protocol.chunking import Reassembler
-from sfprompt.protocol.codec import Expectations, TensorSpec, decode, encode, peek
+from sfprompt.protocol.codec import Expectations, decode, encode, peek
 from sfprompt.protocol.errors import ProtocolError
 from sfprompt.protocol.messages import Chunk
 from sfprompt.protocol.wire import Limits
@@ -25,7 +26,7 @@ FUZZ = settings(
     database=None,
 )
 LIMITS = Limits(max_payload_bytes=1 << 20, max_header_bytes=1 << 16)
-EXPECT = Expectations({"smashed": (TensorSpec("h", (-1, 7, 8)),)})
+EXPECT = Expectations({"smashed": (TensorSpec("h", "float32", (BATCH, 7, 8)),)})
 VALID = [encode(m) for enc in ("fp32", "int8", "bf16") for m in sample_messages(enc)]
 
 
@@ -50,6 +51,7 @@ def test_random_bytes(data: bytes) -> None:
     _decode_only_protocol_errors(data)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @FUZZ
 @given(
@@ -150,6 +152,7 @@ _metadata = st.dictionaries(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @FUZZ
 @given(

@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 from protocol_fixtures import sample_messages
 
+from sfprompt.protocol.bundle import BATCH, TensorSpec
 from sfprompt.protocol.chunking import Reassembler, split
-from sfprompt.protocol.codec import Expectations, TensorSpec, decode, encode
+from sfprompt.protocol.codec import Expectations, decode, encode
 from sfprompt.protocol.errors import ProtocolError
 from sfprompt.protocol.messages import Chunk, Smashed
 from sfprompt.protocol.wire import Limits
 
 LIMITS = Limits(max_payload_bytes=1 << 20, max_header_bytes=1 << 16)
-EXPECT = Expectations({"smashed": (TensorSpec("h", (-1, 7, 8)),)})
+EXPECT = Expectations({"smashed": (TensorSpec("h", "float32", (BATCH, 7, 8)),)})
 HOSTILE = [
     b"-1", b"0", b"1e999", b"NaN", b"18446744073709551616", b"null", b"true", b"[]", b"{}",
     b'"F64"', b'"BF16"', b'"I8"', b'""', b'"\\u0000"', b"[1,2,3,4,5,6,7,8,9]", b"9" * 40,

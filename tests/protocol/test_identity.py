@@ -16,7 +16,6 @@ import numpy as np
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
-from protocol_fixtures import wait_for
 
 from sfprompt.cloud_server import broker_access
 from sfprompt.cloud_server.broker_access import FleetAccess, fleet_passwords
@@ -43,6 +42,7 @@ from sfprompt.protocol.messages import (
 )
 from sfprompt.protocol.mqtt_client import MqttClient
 from sfprompt.protocol.topics import Topics
+from tests.helpers import wait_for
 
 T = Topics()
 NOT_AUTHORIZED = 0x87
@@ -108,6 +108,7 @@ def _stays_connected(*victims: MqttClient) -> None:
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim_id", ["devA", "server"])
 def test_a_forged_client_id_cannot_throw_the_victim_off(
     secured: Secured, opened: list[MqttClient], victim_id: str
@@ -126,6 +127,7 @@ def test_a_forged_client_id_cannot_throw_the_victim_off(
     _stays_connected(victim)
 
 
+@pytest.mark.slow
 def test_a_certificate_works_only_for_its_own_user(
     secured: Secured, opened: list[MqttClient]
 ) -> None:
@@ -154,6 +156,7 @@ def test_password_identity_checks_the_password(secured: Secured) -> None:
     assert info.value.reason_code == NOT_AUTHORIZED and info.value.permanent
 
 
+@pytest.mark.slow
 def test_body_workers_log_in_as_users_of_their_own(
     tmp_path: Path, opened: list[MqttClient]
 ) -> None:
@@ -207,6 +210,7 @@ def spy(broker: EmbeddedBroker) -> Iterator[Spy]:
     watcher.close()
 
 
+@pytest.mark.slow
 def test_replies_go_only_to_the_requesters_own_topics(
     make_client: Callable[..., MqttClient], spy: Spy
 ) -> None:
@@ -221,7 +225,8 @@ def test_replies_go_only_to_the_requesters_own_topics(
     device = make_client("devB")
     device.subscribe(T.device_inbox("devB"), lambda inbound: None)
     h = np.ones((1, 2, 4), np.float32)
-    foreign = [T.down("devA", "body_out"), T.broadcast("task"), T.server_status(), "other/topic"]
+    foreign = [T.down("devA", "body_out"), f"{T.root}/broadcast/task", T.server_status()]
+    foreign += ["other/topic"]
     foreign += [T.up("devB", "smashed"), f"{T.root}/dev/devB/down/nonsense"]
     for reply_topic in foreign:
         for kind, message in (("smashed", Smashed(device_id="devB", h=h)), ("grad_z", _grad_z())):
@@ -247,7 +252,7 @@ def test_replies_go_only_to_the_requesters_own_topics(
         (T.down("a", "task"), T.up("a", "error"), True),
         (T.up("a", "smashed"), T.down("b", "body_out"), False),
         (T.up("a", "smashed"), T.up("a", "smashed"), False),
-        (T.up("a", "smashed"), T.broadcast("task"), False),
+        (T.up("a", "smashed"), f"{T.root}/broadcast/task", False),
         (T.up("a", "smashed"), T.presence("a"), False),
         (T.up("a", "smashed"), f"{T.root}/dev/a/down/unknown", False),
         (T.up("a", "smashed"), f"{T.root}/dev/a/down/body_out/x", False),
@@ -341,7 +346,7 @@ def test_embedded_device_cannot_publish_as_another(fleet: Fleet, opened: list[Mq
     forged = [
         (T.up("devA", "update"), _update("devA"), False),
         (T.down("devA", "task"), _task("devA"), False),
-        (T.broadcast("task"), _task(BROADCAST), False),
+        (f"{T.root}/broadcast/task", _task(BROADCAST), False),
         (T.presence("devA"), Presence(device_id="devA", online=True), True),
         (T.server_status(), status, True),
     ]
@@ -354,6 +359,7 @@ def test_embedded_device_cannot_publish_as_another(fleet: Fleet, opened: list[Mq
     assert heard == [(T.up("devB", "update"), "up")]
 
 
+@pytest.mark.slow
 def test_embedded_forged_client_id_cannot_throw_a_device_off(
     fleet: Fleet, opened: list[MqttClient]
 ) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from protocol_fixtures import assert_same, sample_messages, wait_for
+from protocol_fixtures import assert_same, sample_messages
 
 from sfprompt.protocol import errors
 from sfprompt.protocol.broker import EmbeddedBroker
@@ -29,6 +29,7 @@ from sfprompt.protocol.messages import (
 )
 from sfprompt.protocol.mqtt_client import MqttClient
 from sfprompt.protocol.topics import DOWN_KINDS, UP_KINDS, Topics
+from tests.helpers import wait_for
 
 T = Topics()
 MakeClient = Callable[..., MqttClient]

@@ -98,6 +98,7 @@ def test_fl_full_with_lr_zero_keeps_the_weights_exactly() -> None:
         np.testing.assert_array_equal(run.params[key], old)
 
 
+@pytest.mark.slow
 def test_fl_bytes_are_the_safetensors_size_of_what_is_averaged() -> None:
     state = {k: v.numpy() for k, v in build().state_dict().items()}
     size = len(safetensors_save(state))
@@ -122,6 +123,7 @@ def test_fl_bytes_are_the_safetensors_size_of_what_is_averaged() -> None:
     assert prompt_result.rounds[0].device_flops < record.device_flops  # frozen weights: no dW
 
 
+@pytest.mark.slow
 def test_fl_flops_scale_with_the_work() -> None:
     shards = [digits_like(16, 1)]
     one, _ = run_baseline(
@@ -132,6 +134,7 @@ def test_fl_flops_scale_with_the_work() -> None:
     assert two.rounds[0].device_flops == pytest.approx(2 * one.rounds[0].device_flops)
 
 
+@pytest.mark.slow
 def test_sfl_bytes_per_batch_equal_the_codec_sizes() -> None:
     shards = [digits_like(20, 1)]  # batches of 16 and 4
     cfg = BaselineConfig(rounds=1, batch_size=16)
@@ -163,6 +166,7 @@ def test_sfl_trains_the_body_on_the_server() -> None:
     assert costs[0].server_flops > 0 and costs[0].device_flops > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", BASELINES)
 def test_two_rounds_lower_the_training_loss(method: str) -> None:
     train = digits_like(96, 7)
@@ -177,6 +181,7 @@ def test_two_rounds_lower_the_training_loss(method: str) -> None:
     assert all(0.0 <= r.accuracy <= 1.0 and r.device_flops > 0 for r in result.rounds)
 
 
+@pytest.mark.slow
 def test_runs_repeat_under_the_seed_and_differ_across_seeds() -> None:
     shards = [digits_like(24, 1), digits_like(24, 2)]
     test = digits_like(16, 3)
@@ -191,6 +196,7 @@ def test_runs_repeat_under_the_seed_and_differ_across_seeds() -> None:
     assert losses(1) != first
 
 
+@pytest.mark.slow
 def test_fl_full_features_are_what_the_tail_reads() -> None:
     test = digits_like(12, 3)
     untuned = untuned_features(build, PREPROCESS, test, CUT)

@@ -29,14 +29,12 @@ from sfprompt.sim.comm_model import (
     UPDATE_MEMORY,
     UPDATE_METRICS,
     CommModel,
-    Link,
     RoundBytes,
-    Stamp,
-    WireSizes,
     batch_sizes,
     kept_samples,
     typical_settings,
 )
+from sfprompt.sim.wire_sizes import Link, Stamp, WireSizes
 
 DIM, PATCHES, PROMPTS = 24, 16, 4
 

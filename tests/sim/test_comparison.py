@@ -78,6 +78,7 @@ def test_partitions_by_name() -> None:
         partition_for("dirichlet-0.1", labels, 4, 0.1, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["linear_probe", "prompt_tail", "full"])
 def test_each_ceiling_learns_a_task_its_parameters_can_learn(kind: str) -> None:
     """On coloured squares (tests/sim/test_baselines.py) every ceiling beats chance (25%) by
@@ -102,7 +103,7 @@ def test_each_ceiling_learns_a_task_its_parameters_can_learn(kind: str) -> None:
 
 
 def test_the_simulator_refuses_a_bad_comparison_before_any_work() -> None:
-    from sfprompt.sim.pipeline import SimConfig
+    from sfprompt.sim.config import SimConfig
 
     for bad in ({"seeds": 0}, {"partitions": ("dirichlet:x",)}, {"partitions": ()}):
         with pytest.raises(ValueError):

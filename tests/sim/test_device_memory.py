@@ -60,6 +60,7 @@ def measure(method: str, spec: ModelSpec = WIDE) -> DeviceMemory:
     )
 
 
+@pytest.mark.slow
 def test_fl_full_device_peak_is_measured_above_the_torch_floor_in_every_round() -> None:
     shards = [digits_like(24, 1), digits_like(24, 2)]
     cfg = BaselineConfig(rounds=2, batch_size=8)
@@ -73,6 +74,7 @@ def test_fl_full_device_peak_is_measured_above_the_torch_floor_in_every_round() 
     assert not any("estimate" in note for note in result.notes)
 
 
+@pytest.mark.slow
 def test_footprints_follow_what_each_device_holds_and_trains() -> None:
     full, prompt, sfl = (measure(m) for m in ("fl_full", "fl_prompt", "sfl"))
     assert all(m.batches == 3 for m in (full, prompt, sfl))  # 48 samples, batches of 16
@@ -86,6 +88,7 @@ def test_footprints_follow_what_each_device_holds_and_trains() -> None:
     assert sfl.peak_rss_mb < prompt.peak_rss_mb
 
 
+@pytest.mark.slow
 def test_a_failing_device_process_names_the_method() -> None:
     vit = SPEC()
     wrong = ModelSpec("not_a_timm_model", CLASSES, model_args=dict(TINY))

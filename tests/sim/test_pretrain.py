@@ -38,6 +38,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list
     return cache, path, messages, seconds
 
 
+@pytest.mark.slow
 def test_first_call_writes_the_cache_with_metadata(tiny_run) -> None:
     cache, path, messages, _ = tiny_run
     assert path.parent == cache and path.is_file()
@@ -50,6 +51,7 @@ def test_first_call_writes_the_cache_with_metadata(tiny_run) -> None:
     assert any("held-out accuracy" in m for m in messages)
 
 
+@pytest.mark.slow
 def test_second_call_is_a_cache_hit(tiny_run) -> None:
     cache, path, _, first_seconds = tiny_run
     before = path.stat().st_mtime_ns
@@ -75,6 +77,7 @@ def test_cache_key_names_every_setting() -> None:
     )
 
 
+@pytest.mark.slow
 def test_file_loads_with_create_vit(tiny_run) -> None:
     """create_vit loads every weight (strict), and the model computes what the file holds."""
     _, path, _, _ = tiny_run
@@ -86,6 +89,7 @@ def test_file_loads_with_create_vit(tiny_run) -> None:
     assert vit(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
 
 
+@pytest.mark.slow
 def test_fresh_head_keeps_the_body_and_replaces_the_classifier(tiny_run) -> None:
     _, path, _, _ = tiny_run
     fresh = fresh_head_checkpoint(path)
@@ -131,6 +135,7 @@ def test_the_shipped_fashion_backbone_is_the_recorded_file() -> None:
     assert vit.patch_embed.num_patches == 16
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist missing"
 )

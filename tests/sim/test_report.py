@@ -64,6 +64,7 @@ def table_rows(markdown: str) -> dict[str, dict[str, str]]:
     return {row[0]: dict(zip(header, row)) for row in rows}
 
 
+@pytest.mark.slow
 def test_report_writes_every_file_and_the_right_numbers(tmp_path: Path) -> None:
     """All files appear; the table's byte ratios and the findings match hand arithmetic."""
     results = three_methods()

@@ -1,0 +1,116 @@
+"""`EdgeConfig`: every option of `sfprompt-edge start`, with its default and help.
+
+The options `start` and `profile` share (how the device runs its graphs) are defined once, by
+the `*_field` functions that both `EdgeConfig` and `ProfileConfig` use (sfprompt/options.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sfprompt.options import internal, opt
+
+from .runtime import RUNTIMES
+
+
+def runtime_field() -> Any:
+    return field(
+        default="onnx",
+        metadata=opt(
+            "onnx needs no PyTorch; torchscript for devices that have it (Jetson).",
+            choices=RUNTIMES,
+        ),
+    )
+
+
+def threads_field() -> Any:
+    return field(default=None, metadata=opt("Compute threads (default: up to 4 cores)."))
+
+
+def micro_batch_field() -> Any:
+    return field(
+        default=4,
+        metadata=opt("Samples the head graphs process at once; smaller uses less memory."),
+    )
+
+
+def memory_budget_field() -> Any:
+    return field(
+        default=None,
+        metadata=opt(
+            "Peak MB allowed: picks the largest micro-batch that fits, or refuses.",
+            flag="--memory-budget",
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """Everything `sfprompt-edge start` takes; `--config FILE` fills the same fields."""
+
+    bundle: Path = field(
+        metadata=opt(
+            "The device bundle folder (sfprompt-export bundle).", exists=True, file_okay=False
+        )
+    )
+    data: Path = field(
+        metadata=opt(
+            "Local images: an ImageFolder directory, CIFAR-10/100 binary batches or an .npz.",
+            exists=True,
+        )
+    )
+    device_id: str = field(metadata=opt("This device's id, also its broker user name."))
+    broker: str = field(
+        default="mqtt://127.0.0.1:1883",
+        metadata=opt("mqtt://host:port or mqtts://host:port (user:password@ allowed)."),
+    )
+    runtime: str = runtime_field()
+    username: str | None = field(
+        default=None, metadata=opt("Broker user name (default: from the URL).")
+    )
+    password: str | None = field(
+        default=None,
+        metadata=opt(
+            "Broker password (default: from the URL); prefer --password-file or the variable, "
+            "which `ps` does not show.",
+            envvar="SFPROMPT_BROKER_PASSWORD",
+        ),
+    )
+    password_file: Path | None = field(
+        default=None,
+        metadata=opt(
+            "File whose first line is the password (broker-config writes clients/ID/password).",
+            exists=True,
+            dir_okay=False,
+        ),
+    )
+    tls_ca: str | None = field(
+        default=None, metadata=opt("CA certificate of the broker (switches TLS on).")
+    )
+    tls_cert: str | None = field(default=None, metadata=opt("This device's client certificate."))
+    tls_key: str | None = field(default=None, metadata=opt("This device's private key."))
+    data_split: str = field(
+        default="train",
+        metadata=opt("Which split of a CIFAR folder or train/test .npz pair to use."),
+    )
+    threads: int | None = threads_field()
+    micro_batch: int | None = micro_batch_field()
+    memory_budget_mb: float | None = memory_budget_field()
+    momentum: float = field(default=0.0, metadata=opt("SGD momentum."))
+    weight_decay: float = field(default=0.0, metadata=opt("SGD weight decay."))
+    request_timeout_s: float = field(  # per split exchange, split into `attempts` sends
+        default=60.0,
+        metadata=opt("Seconds to wait for the server in split training.", flag="--request-timeout"),
+    )
+    attempts: int = field(default=3, metadata=internal())
+    seed: int = field(
+        default=0, metadata=opt("Seed of this device's batch order (mixed with its id).")
+    )
+    max_rounds: int | None = field(
+        default=None, metadata=opt("Leave after this many rounds (default: until stopped).")
+    )
+    leave_when_server_stops: bool = field(
+        default=False, metadata=opt("Leave once the server says the federation has finished.")
+    )
