@@ -30,8 +30,9 @@ from rich.console import Console
 from rich.table import Table
 
 from sfprompt.cloud_server.batcher import BodyBatcher
-from sfprompt.cloud_server.body_model import BodyConfig, ServerModel
-from sfprompt.export.bundle_writer import ExportConfig
+from sfprompt.cloud_server.body_model import ServerModel
+from sfprompt.cloud_server.config import BodyConfig
+from sfprompt.export.config import ExportConfig
 
 
 class Device(threading.Thread):

@@ -34,7 +34,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from sfprompt.export.bundle_writer import ExportConfig, write_bundles
+from sfprompt.export.bundle_writer import write_bundles
+from sfprompt.export.config import ExportConfig
 from sfprompt.export.model_loading import create_vit
 from sfprompt.export.split_vit import Cut, SplitViT
 from sfprompt.protocol.bundle import Manifest, load_manifest

@@ -50,7 +50,8 @@ def cached_bundle(model: str, cache: Path, console: Console) -> tuple[Path, floa
         return out / "device", None
     except BundleError:
         pass
-    from sfprompt.export.bundle_writer import ExportConfig, export_bundle  # torch: only here
+    from sfprompt.export.bundle_writer import export_bundle  # torch: only here
+    from sfprompt.export.config import ExportConfig
 
     cfg = ExportConfig(
         model=model, num_classes=10, prompts=10, head_blocks=1, tail_blocks=0, out=out

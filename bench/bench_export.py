@@ -22,7 +22,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from sfprompt.export.bundle_writer import ExportConfig, export_bundle
+from sfprompt.export.bundle_writer import export_bundle
+from sfprompt.export.config import ExportConfig
 
 HERE = Path(__file__).parent
 

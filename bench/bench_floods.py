@@ -216,8 +216,9 @@ def dup_expiry(_: int) -> dict:
 
 
 def small_model() -> Any:
-    from sfprompt.cloud_server.body_model import BodyConfig, ServerModel
-    from sfprompt.export.bundle_writer import ExportConfig
+    from sfprompt.cloud_server.body_model import ServerModel
+    from sfprompt.cloud_server.config import BodyConfig
+    from sfprompt.export.config import ExportConfig
 
     small_vit = {"img_size": 32, "patch_size": 8, "depth": 4}
     cfg = ExportConfig(num_classes=5, model_args=small_vit, prompts=3, seed=1)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,53 +26,17 @@ import numpy as np
 import torch
 
 from sfprompt.export.bundle_reader import read_server_bundle
+from sfprompt.export.cut_manifest import base_manifest, preprocess_config
 from sfprompt.export.model_loading import create_vit
 from sfprompt.export.split_vit import SplitViT, init_prompt, select_tail_input
-from sfprompt.options import internal, opt
 from sfprompt.protocol.bundle import PROMPT_KEY, BundleError, Manifest, TensorSpec
 
+from .config import BodyConfig
+
 if TYPE_CHECKING:
-    from sfprompt.export.bundle_writer import ExportConfig
+    from sfprompt.export.config import ExportConfig
 
 Params = dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class BodyConfig:
-    """How the server runs the body; every field is a flag of `sfprompt-cloud serve`."""
-
-    device: str = field(
-        default="auto",
-        metadata=opt(
-            "Where the body runs; auto takes CUDA if present.",
-            pattern=r"auto|cpu|cuda(:\d+)?",
-            metavar="auto|cpu|cuda[:N]",
-        ),
-    )
-    bf16: bool = field(default=False, metadata=opt("bfloat16 autocast for the body."))
-    threads: int | None = field(default=None, metadata=opt("CPU threads for the body."))
-    max_batch: int = field(
-        default=256, metadata=opt("Samples per body call when batching across devices.")
-    )
-    max_wait_ms: float = field(
-        default=5.0, metadata=opt("How long a body call waits for other devices' requests.")
-    )
-    # scaled_dot_product_attention in the body blocks: the server exports no ONNX, so the
-    # reason the exporter turns it off does not apply here, and it saves memory and time.
-    fused_attention: bool = field(default=True, metadata=internal())
-
-    def resolve_device(self) -> torch.device:
-        """The torch device to run on; raises ValueError for an unknown or absent one."""
-        name = self.device.strip().lower()
-        if name == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if name == "cpu":
-            return torch.device("cpu")
-        if name == "cuda" or name.startswith("cuda:"):
-            if not torch.cuda.is_available():
-                raise ValueError(f"device {self.device!r} asked for, but CUDA is not available")
-            return torch.device(name)
-        raise ValueError(f"unknown device {self.device!r}: choose auto, cpu, cuda or cuda:N")
 
 
 class ServerModel:
@@ -155,8 +118,6 @@ class ServerModel:
         """Serve an already cut model (taken over in place), with the manifest the exporter
         would write for it and `export`, and the same initial prompt and tail."""
         # The exporter's own description of a cut model, so that the contract hashes agree.
-        from sfprompt.export.bundle_writer import base_manifest, preprocess_config
-
         vit = split.vit
         prompt = init_prompt(split.cut, vit.embed_dim, export.seed)
         tail_state = dict(split.tail.named_parameters())

@@ -17,7 +17,7 @@ from sfprompt.logging_setup import setup_logging
 from sfprompt.options import Verbosity, build, configs_from, merged_values, options_from
 
 from .broker_config import AddDevicesOptions, BrokerConfigOptions
-from .server import ServeConfig, WorkerConfig
+from .config import ServeConfig, WorkerConfig
 
 # The embedded broker runs only beside `serve`; a worker connects to the server's broker.
 EMBEDDED_ONLY = ("listen", "devices", "embedded_port")

@@ -12,199 +12,48 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from sfprompt.export.model_loading import parse_model_args
-from sfprompt.options import internal, opt
-from sfprompt.protocol.client_config import ClientConfig, connection_config, read_password
+from sfprompt.export.config import ExportConfig
 from sfprompt.protocol.codec import encode, expectations_for
 from sfprompt.protocol.messages import BROADCAST, ServerStatus
 from sfprompt.protocol.mqtt_client import MqttClient
 
 from .batcher import BodyBatcher
-from .body_model import BodyConfig, ServerModel
+from .body_model import ServerModel
 from .body_service import BodyService, worker_of
+from .config import BodyConfig, BrokerSettings, ModelSource, ServeConfig, WorkerConfig
 from .coordinator import Coordinator
 from .embedded_broker import SERVER_USER, embedded_broker
 from .evaluation import evaluate, load_test_set
 from .metrics import MetricsLog, PrometheusExporter, RoundMetrics
 from .progress import RoundProgress
-from .rounds import RoundConfig
 from .step_state import StepStore
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class BrokerSettings:
-    """Where the broker is and how to log in; no URL means an embedded Mosquitto."""
-
-    url: str | None = field(
-        default=None,
-        metadata=opt("mqtt[s]://host:port; default: start an embedded broker.", flag="--broker"),
+def load_model(source: ModelSource, body: BodyConfig) -> ServerModel:
+    """The body to serve: from a server bundle, or a timm model cut as the exporter cuts it."""
+    if source.bundle is not None:
+        return ServerModel.from_bundle(source.bundle, body)
+    if source.model is None:
+        raise ValueError("give a server bundle (--bundle) or a timm model name (--model)")
+    export = ExportConfig(
+        model=source.model,
+        num_classes=source.num_classes,
+        pretrained=source.pretrained,
+        checkpoint=source.weights,
+        model_args=dict(source.model_args),
+        prompts=source.prompts,
+        head_blocks=source.head_blocks,
+        tail_blocks=source.tail_blocks,
+        seed=source.seed,
     )
-    username: str | None = field(default=None, metadata=opt("Broker user name."))
-    password: str | None = field(
-        default=None,
-        metadata=opt(
-            "Broker password; prefer --password-file or the variable (`ps` shows flags).",
-            envvar="SFPROMPT_BROKER_PASSWORD",
-        ),
-    )
-    password_file: Path | None = field(
-        default=None,
-        metadata=opt(
-            "File whose first line is the broker password (clients/server/password).",
-            exists=True,
-            dir_okay=False,
-        ),
-    )
-    tls_ca: str | None = field(
-        default=None, metadata=opt("CA certificate of the broker (switches TLS on).")
-    )
-    tls_cert: str | None = field(default=None, metadata=opt("Client certificate."))
-    tls_key: str | None = field(default=None, metadata=opt("Client key."))
-    listen: str | None = field(
-        default=None,
-        metadata=opt(
-            "Where the embedded broker listens: 0.0.0.0:1883 for devices on other machines "
-            "(no TLS: a trusted network only). Default: where it listened the last time OUT "
-            "was served, else 127.0.0.1 at a free port. A port already taken is refused.",
-            metavar="HOST:PORT",
-        ),
-    )
-    devices: tuple[str, ...] = field(
-        default=(),
-        metadata=opt(
-            "Devices the embedded broker admits (`a,b` or repeated); each one's password is in "
-            "OUT/broker/clients/ID/password.",
-            metavar="ID,...",
-        ),
-    )
-    embedded_port: int | None = field(
-        default=None, metadata=opt("Port of the embedded broker on 127.0.0.1 (see --listen).")
-    )
-
-    def client_config(self, url: str, client_id: str, **options: object) -> ClientConfig:
-        """Where brokers pin a user to one client id (broker-config, the embedded broker), a
-        client that logs in uses its user name as client id; `client_id` is for anonymous use."""
-        return connection_config(
-            url,
-            self.username or client_id,
-            username=self.username,
-            password=read_password(self.password, self.password_file),
-            tls_ca=self.tls_ca,
-            tls_cert=self.tls_cert,
-            tls_key=self.tls_key,
-            **options,
-        )
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A server bundle folder, or a timm model cut the way the exporter cuts it."""
-
-    bundle: Path | None = field(
-        default=None,
-        metadata=opt(
-            "Server bundle folder (sfprompt-export bundle ... /server).",
-            exists=True,
-            file_okay=False,
-        ),
-    )
-    model: str | None = field(
-        default=None, metadata=opt("Or a timm model name, cut as the exporter cuts it.")
-    )
-    num_classes: int = field(default=10, metadata=opt("Classes of the task (--model)."))
-    prompts: int = field(default=10, metadata=opt("Learnable prompt tokens (--model)."))
-    head_blocks: int = field(default=1, metadata=opt("Blocks on the device before the body."))
-    tail_blocks: int = field(default=0, metadata=opt("Blocks on the device after the body."))
-    pretrained: bool = field(default=False, metadata=opt("timm pre-trained weights (--model)."))
-    weights: Path | None = field(
-        default=None, metadata=opt("A local checkpoint for --model.", exists=True)
-    )
-    model_args: dict[str, Any] = field(
-        default_factory=dict,
-        metadata=opt(
-            "timm override for --model, repeatable: --model-arg img_size=32.",
-            flag="--model-arg",
-            metavar="KEY=VALUE",
-            convert=parse_model_args,
-        ),
-    )
-    seed: int = field(default=0, metadata=internal())  # of the prompt of a --model cut
-
-    def load(self, body: BodyConfig) -> ServerModel:
-        if self.bundle is not None:
-            return ServerModel.from_bundle(self.bundle, body)
-        if self.model is None:
-            raise ValueError("give a server bundle (--bundle) or a timm model name (--model)")
-        from sfprompt.export.bundle_writer import ExportConfig
-
-        export = ExportConfig(
-            model=self.model,
-            num_classes=self.num_classes,
-            pretrained=self.pretrained,
-            checkpoint=self.weights,
-            model_args=dict(self.model_args),
-            prompts=self.prompts,
-            head_blocks=self.head_blocks,
-            tail_blocks=self.tail_blocks,
-            seed=self.seed,
-        )
-        return ServerModel.from_timm(export, body)
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Everything `sfprompt-cloud serve` takes; `--config FILE` fills the same fields."""
-
-    source: ModelSource = field(default_factory=ModelSource)
-    broker: BrokerSettings = field(default_factory=BrokerSettings)
-    rounds: RoundConfig = field(default_factory=RoundConfig)
-    body: BodyConfig = field(default_factory=BodyConfig)
-    out: Path = field(
-        default=Path("runs/server"),
-        metadata=opt("Checkpoint, metrics.jsonl and the embedded broker's files.", file_okay=False),
-    )
-    test_data: Path | None = field(
-        default=None,
-        metadata=opt(
-            "Server-side test set (ImageFolder, CIFAR binary, .npz), evaluated per round.",
-            exists=True,
-        ),
-    )
-    eval_samples: int | None = field(
-        default=2000, metadata=opt("Test images evaluated per round (a fixed stratified subset).")
-    )
-    body_workers: int = field(
-        default=0, metadata=opt("0: run the body here; N: N `sfprompt-cloud worker`s serve it.")
-    )
-    metrics_port: int | None = field(
-        default=None, metadata=opt("Serve Prometheus metrics on this port.")
-    )
-    progress: bool = field(default=True, metadata=opt("A progress bar (--no-progress in logs)."))
-    # with a broker user name, that name is the client id
-    client_id: str = field(default="sfprompt-server", metadata=internal())
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """Everything `sfprompt-cloud worker` takes (the embedded broker's options aside)."""
-
-    source: ModelSource = field(default_factory=ModelSource)
-    broker: BrokerSettings = field(default_factory=BrokerSettings)
-    body: BodyConfig = field(default_factory=BodyConfig)
-    index: int = field(default=0, metadata=opt("This worker's number."))
-    workers: int = field(
-        default=1,
-        metadata=opt("How many workers share the devices (serve --body-workers N).", flag="--of"),
-    )
-    state_ttl_s: float = field(default=600.0, metadata=internal())
+    return ServerModel.from_timm(export, body)
 
 
 @contextmanager
@@ -248,7 +97,7 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> list[dict]:
         )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = cfg.source.load(cfg.body)
+    model = load_model(cfg.source, cfg.body)
     manifest = model.manifest
     test = load_test_set(cfg.test_data, model, cfg.eval_samples) if cfg.test_data else None
 
@@ -309,7 +158,7 @@ def run_worker(cfg: WorkerConfig, stop: threading.Event | None = None) -> None:
     stop = stop or stop_on_signals()
     if cfg.broker.url is None:
         raise ValueError("a worker needs the broker URL the server uses (--broker)")
-    model = cfg.source.load(cfg.body)
+    model = load_model(cfg.source, cfg.body)
     client_cfg = cfg.broker.client_config(
         cfg.broker.url,
         f"sfprompt-worker-{cfg.index}",

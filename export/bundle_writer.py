@@ -10,114 +10,32 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx
 import torch
 from safetensors.torch import save_file
-from timm.data import resolve_data_config
 
-from sfprompt.options import opt
 from sfprompt.protocol.bundle import (
     BATCH,
     GraphSpec,
     Manifest,
     TensorSpec,
-    class_names_problem,
-    default_class_names,
     load_manifest,
     write_manifest,
 )
-from sfprompt.protocol.version import PROTOCOL_VERSION
 
 from . import device_graphs as dg
-from .model_loading import create_vit, parse_model_args
-from .onnx_export import OPSET, export_onnx
-from .split_vit import PROMPT_KEY, Cut, SplitViT, init_prompt, select_tail_input
+from .config import ExportConfig
+from .cut_manifest import base_manifest, preprocess_config
+from .model_loading import create_vit
+from .onnx_export import export_onnx
+from .split_vit import PROMPT_KEY, SplitViT, init_prompt, select_tail_input
 from .torchscript_export import export_torchscript
 
 WEIGHTS_FILE = "prompt_tail.safetensors"
-
-
-@dataclass
-class ExportConfig:
-    """What `sfprompt-export bundle` builds; every flag of the command is a field here."""
-
-    model: str = field(
-        default="vit_tiny_patch16_224",
-        metadata=opt("timm model name, e.g. vit_base_patch16_224 or deit_small_patch16_224."),
-    )
-    num_classes: int | None = field(  # None: the count of `classes`, else 10
-        default=None,
-        metadata=opt("Classes of the task being tuned (default: the count of --classes, else 10)."),
-    )
-    classes: list[str] | None = field(  # the name of each logit; None: "0".."num_classes-1"
-        default=None,
-        metadata=opt(
-            "Class names in logit order: a file with one a line, a data folder (its ImageFolder "
-            "folders, CIFAR or .npz names) or a,b,c. Devices map their data to them by name "
-            "(default: 0..N-1).",
-            metavar="FILE|DIR|a,b,c",
-        ),
-    )
-    pretrained: bool = field(
-        default=False,
-        metadata=opt(
-            "Load timm's pre-trained weights (needs the network or a warm cache).",
-            flag="--pretrained/--random-init",
-        ),
-    )
-    checkpoint: Path | None = field(
-        default=None,
-        metadata=opt(
-            "A local .safetensors or .pth state dict (read with weights_only=True).",
-            exists=True,
-            dir_okay=False,
-        ),
-    )
-    model_args: dict[str, Any] = field(  # timm overrides, e.g. img_size
-        default_factory=dict,
-        metadata=opt(
-            "timm override, repeatable: --model-arg img_size=32 --model-arg depth=4.",
-            flag="--model-arg",
-            metavar="KEY=VALUE",
-            convert=parse_model_args,
-        ),
-    )
-    prompts: int = field(default=10, metadata=opt("Learnable prompt tokens P."))
-    head_blocks: int = field(
-        default=1, metadata=opt("Blocks kept on the device before the body, K >= 1.")
-    )
-    tail_blocks: int = field(
-        default=0, metadata=opt("Blocks kept on the device after the body, M >= 0.")
-    )
-    batch: int = field(  # the graphs accept any batch size
-        default=8, metadata=opt("The device's planned batch size B (graphs take any).")
-    )
-    seed: int = field(
-        default=0,
-        metadata=opt("Seed of the prompt and of any random weights (same seed, same bundle)."),
-    )
-    out: Path = field(
-        default=Path("bundle"), metadata=opt("Output folder; gets device/ and server/.")
-    )
-
-    def __post_init__(self) -> None:
-        """Fix the class names before minutes of export, not after: the devices match their
-        data to them by name, so there must be one unique name per logit."""
-        if self.num_classes is None:
-            self.num_classes = len(self.classes) if self.classes is not None else 10
-        names = list(self.classes) if self.classes is not None else None
-        self.classes = names or default_class_names(self.num_classes)
-        problem = class_names_problem(self.classes, self.num_classes)
-        if problem:
-            raise ValueError(f"--classes: {problem} (--num-classes {self.num_classes})")
-
-    @property
-    def cut(self) -> Cut:
-        return Cut(self.head_blocks, self.tail_blocks, self.prompts)
 
 
 @dataclass(frozen=True)
@@ -194,40 +112,6 @@ def _fresh_dir(path: Path) -> Path:
         shutil.rmtree(path)
     path.mkdir(parents=True)
     return path
-
-
-def base_manifest(cfg: ExportConfig, split: SplitViT, role: str) -> dict[str, Any]:
-    """The manifest fields of a cut model, shared by both bundles and the server's in-memory
-    manifest (`ServerModel.from_timm`), so their contract hashes agree."""
-    vit = split.vit
-    return dict(
-        role=role,
-        protocol_version=PROTOCOL_VERSION,
-        model=cfg.model,
-        model_args=dict(cfg.model_args),
-        num_classes=cfg.num_classes,
-        classes=list(cfg.classes or default_class_names(cfg.num_classes)),
-        prompts=cfg.prompts,
-        head_blocks=cfg.head_blocks,
-        tail_blocks=cfg.tail_blocks,
-        depth=len(vit.blocks),
-        embed_dim=vit.embed_dim,
-        num_prefix_tokens=vit.num_prefix_tokens,
-        num_patches=vit.patch_embed.num_patches,
-        export_batch=cfg.batch,
-        opset=OPSET,
-        tail_input=split.tail_input,
-        frozen_sha256=split.frozen_fingerprint(),
-    )
-
-
-def preprocess_config(vit: torch.nn.Module) -> dict[str, Any]:
-    """timm's eval transform settings, which the device reproduces in numpy and Pillow."""
-    cfg = resolve_data_config({}, model=vit)
-    # The pretrained config names the size timm's weights were trained at; the model built
-    # (e.g. with an img_size override) is what the graphs accept.
-    cfg["input_size"] = (vit.patch_embed.proj.in_channels, *vit.patch_embed.img_size)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
 
 def export_bundle(cfg: ExportConfig, progress: Callable[[str], None] = print) -> ExportResult:

@@ -14,8 +14,7 @@ from rich.table import Table
 from sfprompt.options import build, configs_from, merged_values, opt, options_from
 from sfprompt.protocol.bundle import BundleError
 
-from .bundle_writer import ExportConfig
-from .model_loading import ModelError, create_vit
+from .config import ExportConfig, ModelError
 
 console = Console()
 
@@ -127,6 +126,7 @@ NOT_PLANNED = ("classes", "pretrained", "checkpoint", "head_blocks", "tail_block
 @click.pass_context
 def plan(ctx: click.Context, **values: Any) -> None:
     """Print device cost of every cut and recommend one for the memory and links given."""
+    from .model_loading import create_vit
     from .plan import plan_cuts, recommend
 
     export, cfg = configs_from(ctx, values, ExportConfig, PlanConfig)

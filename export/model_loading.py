@@ -18,10 +18,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-
-class ModelError(ValueError):
-    """The model name, its arguments or a checkpoint do not give a usable ViT."""
-
+from .config import ModelError
 
 # How long to wait for the weights' host before calling it unreachable: huggingface_hub itself
 # retries a failed request five times with back-off, about 25 s per file and a minute in all.
@@ -31,28 +28,6 @@ OFFLINE_HINT = (
     "the Hugging Face cache on a machine that has the network and set HF_HUB_OFFLINE=1"
 )
 _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-
-
-def parse_model_args(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    """Turn `key=value` strings into timm keyword arguments (ints, floats, bools kept)."""
-    args: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ModelError(f"model argument {pair!r} is not of the form key=value")
-        args[key.replace("-", "_")] = _parse_value(raw)
-    return args
-
-
-def _parse_value(raw: str) -> Any:
-    if raw.lower() in ("true", "false"):
-        return raw.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
-    return raw
 
 
 def create_vit(

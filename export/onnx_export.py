@@ -17,9 +17,8 @@ import torch
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from .cut_manifest import OPSET
 from .device_graphs import DeviceFunction
-
-OPSET = 18
 
 
 class _Frozen(nn.Module):

@@ -165,12 +165,13 @@ class PhaseSettings:
     local_lr: float  # learning rate of the self-update phase (paper: 1e-4)
     split_lr: float  # learning rate of the split-training phase
     deadline: float  # unix time (s) by which the UPDATE must arrive
-    split_epochs: int = 1
-    batch_size: int = 128
-    encoding: str = "fp32"  # activations and gradients on the wire this round
+    # No defaults: the server states every setting, from its one definition (RoundConfig).
+    split_epochs: int  # epochs of the split-training phase
+    batch_size: int  # samples per split step
+    encoding: str  # activations and gradients on the wire this round
     # "class": the hardest keep_ratio of each class; "global": of the whole local set (the
     # paper's rule, which drops whole classes while the classifier is biased: docs/simulation.md)
-    prune: str = "class"
+    prune: str
 
     def __post_init__(self) -> None:
         _check_float(self.keep_ratio, "settings.keep_ratio", 0.0, 1.0, low_open=True)

@@ -45,7 +45,7 @@ def main(ctx: click.Context, **values: Any) -> None:
       sfprompt-sim --data cifar10 --root ~/data --download \\
           --model vit_base_patch16_224 --pretrained --clients 10 --rounds 20
     """
-    from sfprompt.export.model_loading import ModelError
+    from sfprompt.export.config import ModelError
 
     from .comparison import comparison_rows, print_comparison
     from .pipeline import run_simulation

@@ -179,12 +179,14 @@ def typical_settings(keep_ratio: float, batch_size: int, encoding: str) -> Phase
     """A TASK's settings at the server's defaults (`sfprompt-cloud serve`)."""
     return PhaseSettings(
         keep_ratio=keep_ratio,
-        local_epochs=1,
+        local_epochs=RoundConfig.local_epochs,
         local_lr=RoundConfig.local_lr,
         split_lr=RoundConfig.split_lr,
         deadline=TYPICAL_DEADLINE,
+        split_epochs=RoundConfig.split_epochs,
         batch_size=batch_size,
         encoding=encoding,
+        prune=RoundConfig.prune,
     )
 
 

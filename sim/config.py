@@ -11,16 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from sfprompt.cloud_server.rounds import RoundConfig
-from sfprompt.export.model_loading import parse_model_args
+from sfprompt.export.config import parse_model_args
 from sfprompt.options import opt
 from sfprompt.protocol.messages import PRUNE_MODES
 
-from .pretrain import CACHE
 from .results import METHODS
 
 # SFL is left out of the default only for `make demo`'s 15 minutes: add it with --methods
 # (its bytes at any scale are in sim/comm_model.py without running it).
 DEFAULT_METHODS = ("sfprompt", "sfl_linear", "fl_full")
+
+CACHE = Path.home() / ".cache" / "sfprompt"  # where trained backbones are kept
 
 
 def _all_if_zero(count: int) -> int | None:

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from sfprompt.cloud_server.rounds import RoundConfig
-from sfprompt.export.bundle_writer import ExportConfig, ExportResult, export_bundle
+from sfprompt.export.bundle_writer import ExportResult, export_bundle
+from sfprompt.export.config import ExportConfig
 from sfprompt.export.split_vit import Cut
 
 from .comparison import SeedRun

@@ -28,14 +28,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sfprompt.export.bundle_writer import preprocess_config
-from sfprompt.export.model_loading import create_vit, parse_model_args
+from sfprompt.export.config import parse_model_args
+from sfprompt.export.cut_manifest import preprocess_config
+from sfprompt.export.model_loading import create_vit
 from sfprompt.options import configs_from, opt, options_from
 
+from .config import CACHE
 from .datasets import DIGITS_PRETRAINING, pretraining_set, stratified_split
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"
-CACHE = Path.home() / ".cache" / "sfprompt"  # where trained backbones are kept
 # Per data set: the default small ViT's shape. Fashion-MNIST's 28 x 28 images in 7 x 7 patches
 # give 16 tokens, so three seeds of every method fit `make demo`'s budget on two cores.
 MODEL_ARGS: dict[str, dict[str, Any]] = {

@@ -24,9 +24,9 @@ import numpy as np
 from timm.models.vision_transformer import VisionTransformer
 
 from sfprompt.cloud_server.broker_access import FleetAccess, fleet_passwords
+from sfprompt.cloud_server.config import BrokerSettings, ModelSource, ServeConfig
 from sfprompt.cloud_server.metrics import MetricsLog
 from sfprompt.cloud_server.rounds import RoundConfig
-from sfprompt.cloud_server.server import BrokerSettings, ModelSource, ServeConfig
 from sfprompt.edge_client.config import EdgeConfig
 from sfprompt.export.split_vit import Cut
 from sfprompt.options import Verbosity, write_config

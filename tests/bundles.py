@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from sfprompt.export.bundle_writer import ExportConfig, ExportResult, write_bundles
+from sfprompt.export.bundle_writer import ExportResult, write_bundles
+from sfprompt.export.config import ExportConfig
 from sfprompt.export.model_loading import create_vit
 from sfprompt.export.split_vit import Cut, SplitViT
 

@@ -13,15 +13,15 @@ import pytest
 
 from sfprompt.cloud_server.broker_config import AddDevicesOptions, BrokerConfigOptions
 from sfprompt.cloud_server.cli import main as cloud
+from sfprompt.cloud_server.config import BrokerSettings, ModelSource, ServeConfig, WorkerConfig
 from sfprompt.cloud_server.rounds import RoundConfig
-from sfprompt.cloud_server.server import BrokerSettings, ModelSource, ServeConfig, WorkerConfig
 from sfprompt.config_file import config_values
 from sfprompt.edge_client.cli import main as edge
 from sfprompt.edge_client.config import EdgeConfig
 from sfprompt.edge_client.profile import ProfileConfig
-from sfprompt.export.bundle_writer import ExportConfig
 from sfprompt.export.cli import PlanConfig
 from sfprompt.export.cli import main as export
+from sfprompt.export.config import ExportConfig
 from sfprompt.options import KEY, CommaList, KeyValue, Verbosity, build, write_config
 from sfprompt.sim.cli import main as sim
 from sfprompt.sim.config import SimConfig

@@ -44,6 +44,25 @@ def test_edge_modules_import_where_torch_cannot(module: str) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("module", "command"),
+    [
+        ("sfprompt.cloud_server.cli", ["serve", "--help"]),
+        ("sfprompt.cloud_server.cli", ["broker-config", "--help"]),
+        ("sfprompt.export.cli", ["bundle", "--help"]),
+        ("sfprompt.export.cli", ["plan", "--help"]),
+        ("sfprompt.edge_client.cli", ["start", "--help"]),
+        ("sfprompt.sim.cli", ["--help"]),
+    ],
+)
+def test_every_command_teaches_without_torch(module: str, command: list[str]) -> None:
+    """Options come from torch-free config modules: `--help` answers at once, anywhere."""
+    code = NO_TORCH + f"from {module} import main\nmain({command!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--config" in proc.stdout
+
+
 def test_the_edge_extra_lists_no_torch_timm_or_torchvision() -> None:
     edge = [r for r in requires("sfprompt") or [] if 'extra == "edge"' in r]
     assert edge, "the edge extra is missing"

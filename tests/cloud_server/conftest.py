@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sfprompt.cloud_server.body_model import BodyConfig, ServerModel
-from sfprompt.export.bundle_writer import ExportConfig
+from sfprompt.cloud_server.body_model import ServerModel
+from sfprompt.cloud_server.config import BodyConfig
+from sfprompt.export.config import ExportConfig
 from tests.bundles import SMALL_VIT
 
 

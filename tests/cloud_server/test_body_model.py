@@ -20,8 +20,10 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file, save_file
 
 from sfprompt.cloud_server import evaluation
-from sfprompt.cloud_server.body_model import BodyConfig, ServerModel
-from sfprompt.export.bundle_writer import WEIGHTS_FILE, ExportConfig, write_bundles
+from sfprompt.cloud_server.body_model import ServerModel
+from sfprompt.cloud_server.config import BodyConfig
+from sfprompt.export.bundle_writer import WEIGHTS_FILE, write_bundles
+from sfprompt.export.config import ExportConfig
 from sfprompt.export.model_loading import create_vit
 from sfprompt.export.split_vit import SplitViT, select_tail_input
 from sfprompt.protocol.bundle import PROMPT_KEY, BundleError, load_manifest, write_manifest

@@ -14,7 +14,7 @@ from torchvision import transforms
 
 from sfprompt.data.errors import DataError
 from sfprompt.data.transforms import EvalTransform
-from sfprompt.export.bundle_writer import preprocess_config
+from sfprompt.export.cut_manifest import preprocess_config
 from sfprompt.export.model_loading import create_vit
 from tests.bundles import SMALL_VIT
 

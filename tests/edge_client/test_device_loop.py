@@ -210,7 +210,9 @@ def make_task(bundle: ExportResult, round: int = 1, deadline_s: float = 120.0) -
         local_lr=0.01,
         split_lr=0.05,
         deadline=time.time() + deadline_s,
+        split_epochs=1,
         batch_size=8,
+        encoding="fp32",
         prune="global",
     )
     return Task(device_id=ID, round=round, params=params, settings=settings)

@@ -32,6 +32,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, small_export):
 
 def settings(**changes: float | str) -> PhaseSettings:
     base = dict(keep_ratio=0.3, local_epochs=1, local_lr=0.0, split_lr=0.0, deadline=1e11)
+    base.update(split_epochs=1, encoding="fp32", prune="class")
     return PhaseSettings(**{**base, **changes}, batch_size=8)  # type: ignore[arg-type]
 
 

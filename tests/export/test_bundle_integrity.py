@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from sfprompt.export.cli import main
-from sfprompt.export.model_loading import ModelError, create_vit, load_checkpoint
+from sfprompt.export.config import ModelError
+from sfprompt.export.model_loading import create_vit, load_checkpoint
 from sfprompt.export.split_vit import PROMPT_KEY
 from sfprompt.protocol.bundle import BundleError, load_manifest
 from sfprompt.protocol.version import PROTOCOL_VERSION

@@ -11,9 +11,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from sfprompt.cloud_server.batcher import BodyBatcher
-from sfprompt.cloud_server.body_model import BodyConfig, ServerModel
+from sfprompt.cloud_server.body_model import ServerModel
 from sfprompt.cloud_server.body_service import BodyService
 from sfprompt.cloud_server.checkpoint import Checkpoint, save_checkpoint
+from sfprompt.cloud_server.config import BodyConfig
 from sfprompt.cloud_server.step_state import StepStore
 from sfprompt.protocol.broker import EmbeddedBroker
 from sfprompt.protocol.bundle import PROMPT_KEY

@@ -32,8 +32,9 @@ def sample_messages(encoding: str = "fp32", seed: int = 0) -> list[Message]:
 
     params = {"prompt": act(1, 4, 8), "tail.head.weight": act(10, 8), "tail.head.bias": act(10)}
     settings = PhaseSettings(
-        keep_ratio=0.5, local_epochs=1, local_lr=1e-4, split_lr=0.1, deadline=1.7e9
-    )
+        keep_ratio=0.5, local_epochs=1, local_lr=1e-4, split_lr=0.1, deadline=1.7e9,
+        split_epochs=1, batch_size=128, encoding="fp32", prune="class",
+    )  # fmt: skip
     return [
         Join(
             msg_id="m-join",

@@ -264,7 +264,10 @@ def _body_out(device_id: str) -> Message:
 def _settings():  # type: ignore[no-untyped-def]
     from sfprompt.protocol.messages import PhaseSettings
 
-    return PhaseSettings(keep_ratio=1.0, local_epochs=1, local_lr=1e-4, split_lr=0.1, deadline=2e9)
+    return PhaseSettings(
+        keep_ratio=1.0, local_epochs=1, local_lr=1e-4, split_lr=0.1, deadline=2e9,
+        split_epochs=1, batch_size=128, encoding="fp32", prune="class",
+    )  # fmt: skip
 
 
 def test_devices_added_later_are_confined_like_the_first(secured: Secured) -> None:

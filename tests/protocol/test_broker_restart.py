@@ -92,8 +92,9 @@ def test_offline_session_survives_broker_restart(tmp_path: Path) -> None:
     server = _client(broker, "server").connect()
     try:
         settings = PhaseSettings(
-            keep_ratio=1.0, local_epochs=1, local_lr=1e-4, split_lr=0.1, deadline=2e9
-        )
+            keep_ratio=1.0, local_epochs=1, local_lr=1e-4, split_lr=0.1, deadline=2e9,
+            split_epochs=1, batch_size=128, encoding="fp32", prune="class",
+        )  # fmt: skip
         updates = [
             Task(device_id="cam-01", step=i, params={}, settings=settings) for i in range(40)
         ]

@@ -205,5 +205,5 @@ def test_settings_name_an_unknown_prune_mode() -> None:
     with pytest.raises(ProtocolError, match="settings.prune"):
         PhaseSettings(
             keep_ratio=0.5, local_epochs=1, local_lr=1e-4, split_lr=0.1, deadline=1.7e9,
-            prune="easiest",
+            split_epochs=1, batch_size=128, encoding="fp32", prune="easiest",
         )  # fmt: skip

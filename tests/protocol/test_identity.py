@@ -403,6 +403,7 @@ def _update(device_id: str) -> Update:
 
 def _task(device_id: str) -> Task:
     settings = PhaseSettings(
-        keep_ratio=1.0, local_epochs=1, local_lr=1e-4, split_lr=0.1, deadline=2e9
-    )
+        keep_ratio=1.0, local_epochs=1, local_lr=1e-4, split_lr=0.1, deadline=2e9,
+        split_epochs=1, batch_size=128, encoding="fp32", prune="class",
+    )  # fmt: skip
     return Task(device_id=device_id, params={"prompt": np.ones(4, np.float32)}, settings=settings)

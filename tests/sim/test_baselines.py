@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.numpy import save as safetensors_save
 
-from sfprompt.export.bundle_writer import preprocess_config
+from sfprompt.export.cut_manifest import preprocess_config
 from sfprompt.export.split_vit import Cut
 from sfprompt.protocol.codec import encode
 from sfprompt.protocol.messages import BodyOut, GradH, GradZ, Smashed

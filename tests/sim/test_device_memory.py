@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from sfprompt.export.bundle_writer import preprocess_config
+from sfprompt.export.cut_manifest import preprocess_config
 from sfprompt.sim.baselines import BaselineConfig
 from sfprompt.sim.device_memory import DeviceMemory, ModelSpec, measure_device_memory
 from sfprompt.sim.run_baseline import MEMORY_NOTE, run_baseline
