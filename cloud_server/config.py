@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sfprompt.broker_login import BrokerLogin
 from sfprompt.export.config import parse_model_args
 from sfprompt.options import internal, opt
-from sfprompt.protocol.client_config import ClientConfig, connection_config, read_password
+from sfprompt.protocol.client_config import ClientConfig
 
 from .rounds import RoundConfig
 
@@ -66,27 +67,7 @@ class BrokerSettings:
         default=None,
         metadata=opt("mqtt[s]://host:port; default: start an embedded broker.", flag="--broker"),
     )
-    username: str | None = field(default=None, metadata=opt("Broker user name."))
-    password: str | None = field(
-        default=None,
-        metadata=opt(
-            "Broker password; prefer --password-file or the variable (`ps` shows flags).",
-            envvar="SFPROMPT_BROKER_PASSWORD",
-        ),
-    )
-    password_file: Path | None = field(
-        default=None,
-        metadata=opt(
-            "File whose first line is the broker password (clients/server/password).",
-            exists=True,
-            dir_okay=False,
-        ),
-    )
-    tls_ca: str | None = field(
-        default=None, metadata=opt("CA certificate of the broker (switches TLS on).")
-    )
-    tls_cert: str | None = field(default=None, metadata=opt("Client certificate."))
-    tls_key: str | None = field(default=None, metadata=opt("Client key."))
+    login: BrokerLogin = field(default_factory=BrokerLogin)
     listen: str | None = field(
         default=None,
         metadata=opt(
@@ -111,16 +92,7 @@ class BrokerSettings:
     def client_config(self, url: str, client_id: str, **options: object) -> ClientConfig:
         """Where brokers pin a user to one client id (broker-config, the embedded broker), a
         client that logs in uses its user name as client id; `client_id` is for anonymous use."""
-        return connection_config(
-            url,
-            self.username or client_id,
-            username=self.username,
-            password=read_password(self.password, self.password_file),
-            tls_ca=self.tls_ca,
-            tls_cert=self.tls_cert,
-            tls_key=self.tls_key,
-            **options,
-        )
+        return self.login.client_config(url, self.login.username or client_id, **options)
 
 
 @dataclass(frozen=True)

@@ -72,9 +72,8 @@ def broker_url(
     with embedded_broker(
         settings.devices, settings.listen, settings.embedded_port, out, workers, stop
     ) as (url, password):
-        yield replace(
-            settings, url=url, username=SERVER_USER, password=password, password_file=None
-        )
+        login = replace(settings.login, username=SERVER_USER, password=password, password_file=None)
+        yield replace(settings, url=url, login=login)
 
 
 def stop_on_signals() -> threading.Event:

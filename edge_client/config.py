@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sfprompt.broker_login import BrokerLogin
 from sfprompt.options import internal, opt
 
 from .runtime import RUNTIMES
@@ -66,31 +67,8 @@ class EdgeConfig:
         default="mqtt://127.0.0.1:1883",
         metadata=opt("mqtt://host:port or mqtts://host:port (user:password@ allowed)."),
     )
+    login: BrokerLogin = field(default_factory=BrokerLogin)
     runtime: str = runtime_field()
-    username: str | None = field(
-        default=None, metadata=opt("Broker user name (default: from the URL).")
-    )
-    password: str | None = field(
-        default=None,
-        metadata=opt(
-            "Broker password (default: from the URL); prefer --password-file or the variable, "
-            "which `ps` does not show.",
-            envvar="SFPROMPT_BROKER_PASSWORD",
-        ),
-    )
-    password_file: Path | None = field(
-        default=None,
-        metadata=opt(
-            "File whose first line is the password (broker-config writes clients/ID/password).",
-            exists=True,
-            dir_okay=False,
-        ),
-    )
-    tls_ca: str | None = field(
-        default=None, metadata=opt("CA certificate of the broker (switches TLS on).")
-    )
-    tls_cert: str | None = field(default=None, metadata=opt("This device's client certificate."))
-    tls_key: str | None = field(default=None, metadata=opt("This device's private key."))
     data_split: str = field(
         default="train",
         metadata=opt("Which split of a CIFAR folder or train/test .npz pair to use."),

@@ -21,9 +21,7 @@ from sfprompt.data.datasets import load_image_set
 from sfprompt.data.transforms import EvalTransform
 from sfprompt.protocol.client_config import (
     Inbound,
-    connection_config,
     presence_will,
-    read_password,
 )
 from sfprompt.protocol.codec import expectations_for
 from sfprompt.protocol.errors import (
@@ -91,14 +89,9 @@ class EdgeDevice:
     def _new_client(self) -> MqttClient:
         cfg = self.cfg
         client = MqttClient(
-            connection_config(
+            cfg.login.client_config(
                 cfg.broker,
                 cfg.device_id,
-                username=cfg.username,
-                password=read_password(cfg.password, cfg.password_file),
-                tls_ca=cfg.tls_ca,
-                tls_cert=cfg.tls_cert,
-                tls_key=cfg.tls_key,
                 expect=expectations_for(self.manifest),
                 will=presence_will(cfg.device_id),
             )

@@ -30,14 +30,7 @@ LABELS = {
     "fl_full": "FL full fine-tuning",
     "fl_prompt": "FL prompt tuning",
 }
-SPLIT_METHODS = (
-    "sfprompt",
-    "sfprompt_global_prune",
-    "sfprompt_no_prune",
-    "sfprompt_no_local",
-    "sfl",
-    "sfl_linear",
-)
+SPLIT_METHODS = tuple(m for m in METHODS if not m.startswith("fl_"))  # a server holds a body
 
 
 @dataclass

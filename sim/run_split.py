@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from timm.models.vision_transformer import VisionTransformer
 
+from sfprompt.broker_login import BrokerLogin
 from sfprompt.cloud_server.broker_access import FleetAccess, fleet_passwords
 from sfprompt.cloud_server.config import BrokerSettings, ModelSource, ServeConfig
 from sfprompt.cloud_server.metrics import MetricsLog
@@ -126,17 +127,15 @@ class _Login:
     clients: Path
 
     @property
-    def password_file(self) -> Path:
-        return self.clients / self.user / "password"
+    def credentials(self) -> BrokerLogin:
+        return BrokerLogin(self.user, password_file=self.clients / self.user / "password")
 
 
 def _server(login: _Login, bundle: Path, test: Path, rounds: RoundConfig, out: Path):  # noqa: ANN202
     """`sfprompt-cloud serve --config OUT/config/server.json`, the file written from ServeConfig."""
     cfg = ServeConfig(
         source=ModelSource(bundle=bundle),
-        broker=BrokerSettings(
-            url=login.url, username=login.user, password_file=login.password_file
-        ),
+        broker=BrokerSettings(url=login.url, login=login.credentials),
         rounds=rounds,
         out=out / "server",
         test_data=test,
@@ -157,8 +156,7 @@ def _device(login: _Login, bundle: Path, shard: Path, out: Path):  # noqa: ANN20
         data=shard,
         device_id=login.user,
         broker=login.url,
-        username=login.user,
-        password_file=login.password_file,
+        login=login.credentials,
         threads=1,
         leave_when_server_stops=True,
     )

@@ -11,6 +11,7 @@ from typing import Any
 import click
 import pytest
 
+from sfprompt.broker_login import BrokerLogin
 from sfprompt.cloud_server.broker_config import AddDevicesOptions, BrokerConfigOptions
 from sfprompt.cloud_server.cli import main as cloud
 from sfprompt.cloud_server.config import BrokerSettings, ModelSource, ServeConfig, WorkerConfig
@@ -141,7 +142,10 @@ def test_a_written_config_builds_the_same_dataclasses(tmp_path: Path) -> None:
     (tmp_path / "password").write_text("secret\n")
     serve = ServeConfig(
         source=ModelSource(bundle=tmp_path, model_args={"depth": 2}),
-        broker=BrokerSettings("mqtt://127.0.0.1:1", "server", password_file=tmp_path / "password"),
+        broker=BrokerSettings(
+            "mqtt://127.0.0.1:1",
+            BrokerLogin("server", password_file=tmp_path / "password"),
+        ),
         rounds=RoundConfig(rounds=3, keep_ratio=1.0, local_epochs=0, min_devices=2),
         test_data=tmp_path,
         eval_samples=100000,
