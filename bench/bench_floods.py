@@ -38,9 +38,6 @@ from typing import Any
 import numpy as np
 import psutil
 
-SCENARIOS = ["chunks-devices", "chunks-one", "padded", "claims", "dup-expiry", "big-batch"]
-SCENARIOS += ["queue", "steps", "joins", "mqtt"]
-
 
 def rss_mb() -> float:
     gc.collect()
@@ -220,8 +217,8 @@ def small_model() -> Any:
     from sfprompt.cloud_server.config import BodyConfig
     from sfprompt.export.config import ExportConfig
 
-    small_vit = {"img_size": 32, "patch_size": 8, "depth": 4}
-    cfg = ExportConfig(num_classes=5, model_args=small_vit, prompts=3, seed=1)
+    vit = {"img_size": 32, "patch_size": 8, "depth": 4}
+    cfg = ExportConfig(num_classes=5, model_args=vit, prompts=3, seed=1)
     return ServerModel.from_timm(cfg, BodyConfig(device="cpu", threads=1))
 
 
@@ -369,10 +366,11 @@ RUNS: dict[str, Callable[[int], dict]] = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    scenarios = list(RUNS)
     parser.add_argument("--sets", type=int, default=5_000)
-    parser.add_argument("--only", nargs="*", choices=SCENARIOS, default=SCENARIOS)
+    parser.add_argument("--only", nargs="*", choices=scenarios, default=scenarios)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--child", choices=SCENARIOS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=scenarios, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(RUNS[args.child](args.sets)))
