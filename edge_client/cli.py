@@ -104,7 +104,10 @@ def profile(ctx: click.Context, **values: Any) -> None:
     Console().print(table)
     Console().print(f"peak RSS {result.peak_rss_mb:.0f} MB")
     if cfg.out is not None:
-        Console().print(f"wrote {cfg.out / 'profile.json'} and {cfg.out / 'memory_timeline.png'}")
+        Console().print(f"wrote {', '.join(str(f) for f in result.files)}")
+        if len(result.files) == 1:
+            hint = 'no memory_timeline.png: pip install "sfprompt[plots]" to draw it'
+            Console().print(hint, markup=False)  # [plots] is not a rich style
 
 
 class _Refused(click.ClickException):

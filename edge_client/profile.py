@@ -62,6 +62,7 @@ class ProfileResult(MemoryProfile):
     runtime: str = "onnx"
     micro_batch: int | None = None
     budget: MicroBatchChoice | None = None  # how the micro-batch was chosen, if it was
+    files: list[Path] = field(default_factory=list)  # what `out` received (not in profile.json)
 
     def to_dict(self) -> dict[str, Any]:
         budget = None if self.budget is None else asdict(self.budget)
@@ -107,15 +108,21 @@ def run_profile(cfg: ProfileConfig) -> ProfileResult:
         budget=choice,
     )
     if cfg.out is not None:
-        write_report(result, Path(cfg.out))
+        result.files = write_report(result, Path(cfg.out))
     return result
 
 
-def write_report(profile: ProfileResult, out: Path) -> None:
-    """profile.json and a PNG timeline of RSS coloured by phase."""
+def write_report(profile: ProfileResult, out: Path) -> list[Path]:
+    """profile.json, and a PNG timeline of RSS coloured by phase where matplotlib is installed
+    (`sfprompt[plots]`: a headless device need not carry its 35 MB and fonts). Returns the
+    files written."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.json").write_text(json.dumps(profile.to_dict(), indent=2))
-    import matplotlib
+    written = [out / "profile.json"]
+    try:
+        import matplotlib
+    except ImportError:
+        return written
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -138,3 +145,4 @@ def write_report(profile: ProfileResult, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "memory_timeline.png", dpi=110)
     plt.close(fig)
+    return [*written, out / "memory_timeline.png"]

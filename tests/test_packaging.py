@@ -63,7 +63,7 @@ def test_every_command_teaches_without_torch(module: str, command: list[str]) ->
     assert "--config" in proc.stdout
 
 
-def test_the_edge_extra_lists_no_torch_timm_or_torchvision() -> None:
+def test_the_edge_extra_lists_no_torch_timm_torchvision_or_matplotlib() -> None:
     edge = [r for r in requires("sfprompt") or [] if 'extra == "edge"' in r]
     assert edge, "the edge extra is missing"
     names = {
@@ -76,6 +76,7 @@ def test_the_edge_extra_lists_no_torch_timm_or_torchvision() -> None:
     }
     assert "onnxruntime" in names
     assert not (names | core) & {"torch", "timm", "torchvision"}
+    assert "matplotlib" not in names | core, "a headless device draws no plots: sfprompt[plots]"
 
 
 def test_no_generic_top_level_module_is_installed() -> None:
