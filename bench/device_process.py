@@ -11,6 +11,7 @@ head's graph, two backward passes) on the same cut of the same model.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -25,7 +26,9 @@ def onnx_steps(bundle: str, batch: int, steps: int, threads: int) -> list[float]
     from sfprompt.edge_client.onnx_runtime import OnnxDeviceRuntime
     from sfprompt.edge_client.runtime import synthetic_batch
 
-    rt = OnnxDeviceRuntime(bundle, threads=threads)
+    variant = json.loads(os.environ.get("SFPROMPT_BENCH_ORT", "{}"))  # bench_session_options
+    rt = OnnxDeviceRuntime(bundle, threads=threads, micro_batch=variant.get("micro_batch", 4))
+    apply_variant(rt._options, variant)
     params = rt.initial_parameters()
     images, labels = synthetic_batch(rt, batch)
     weight = np.ones(batch, np.float32)
@@ -35,6 +38,25 @@ def onnx_steps(bundle: str, batch: int, steps: int, threads: int) -> list[float]
         local_step(rt, params, images, labels, weight, 1e-4)
         times.append(time.perf_counter() - t0)
     return times
+
+
+def apply_variant(opts: object, variant: dict) -> None:
+    """Session options a benchmark varies (the runtime's defaults trade speed for memory)."""
+    import onnxruntime as ort
+
+    if variant.get("prepacking"):
+        opts.add_session_config_entry("session.disable_prepacking", "0")  # type: ignore[attr-defined]
+    if "arena" in variant:
+        opts.enable_cpu_mem_arena = bool(variant["arena"])  # type: ignore[attr-defined]
+    if "mem_pattern" in variant:
+        opts.enable_mem_pattern = bool(variant["mem_pattern"])  # type: ignore[attr-defined]
+    if "mmap_threshold" in variant:  # glibc: blocks over it are mmapped and unmapped on free
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, int(variant["mmap_threshold"]))
+    if variant.get("opt_level") == "basic":
+        level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.graph_optimization_level = level  # type: ignore[attr-defined]
 
 
 def torch_steps(bundle: str, batch: int, steps: int, threads: int) -> list[float]:
