@@ -23,6 +23,9 @@ NO_TORCH = (
     "    sys.modules[name] = None  # an onnx device must train without them\n"
 )
 BIN = Path(sys.executable).parent
+# A small, quick round: what the federation tests that are not about training settings run.
+ROUND_FLAGS = ("--batch-size", "16", "--keep-ratio", "0.5")
+ROUND_FLAGS += ("--local-lr", "0.01", "--split-lr", "0.05")
 
 
 def digits_images() -> tuple[np.ndarray, np.ndarray]:

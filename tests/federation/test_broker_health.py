@@ -14,6 +14,7 @@ from sfprompt.protocol.client_config import ClientConfig
 from sfprompt.protocol.errors import TransportError
 from sfprompt.protocol.mqtt_client import MqttClient
 from tests.federation.harness import (
+    ROUND_FLAGS,
     brokers_of,
     finish,
     log_text,
@@ -25,8 +26,6 @@ from tests.federation.harness import (
 )
 from tests.helpers import wait_for
 
-COMMON = ("--batch-size", "16", "--keep-ratio", "0.5", "--local-lr", "0.01", "--split-lr", "0.05")
-
 
 @pytest.mark.slow
 def test_killed_broker_comes_back_and_the_federation_finishes(small_export, tmp_path):
@@ -37,7 +36,7 @@ def test_killed_broker_comes_back_and_the_federation_finishes(small_export, tmp_
     out = tmp_path / "server"
     server = start_server(
         "--bundle", str(small_export.server_dir), "--out", str(out), "--rounds", "3",
-        "--min-devices", "1", "--round-timeout", "90", "--devices", "pi-1", *COMMON,
+        "--min-devices", "1", "--round-timeout", "90", "--devices", "pi-1", *ROUND_FLAGS,
         log=tmp_path / "server.log",
     )  # fmt: skip
     device = None

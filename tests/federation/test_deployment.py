@@ -21,6 +21,7 @@ from sfprompt.protocol.broker import BrokerProcess, free_port
 from tests.federation.harness import (
     BIN,
     NO_TORCH,
+    ROUND_FLAGS,
     brokers_of,
     finish,
     log_text,
@@ -29,8 +30,6 @@ from tests.federation.harness import (
     write_shards,
 )
 from tests.helpers import wait_for
-
-COMMON = ("--batch-size", "16", "--keep-ratio", "0.5", "--local-lr", "0.01", "--split-lr", "0.05")
 
 
 def serve(*args: str, log: Path, prefix: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
@@ -69,7 +68,7 @@ def test_restarted_server_comes_back_on_its_address_and_devices_rejoin(small_exp
     out = tmp_path / "server"
     args = (
         "--bundle", str(small_export.server_dir), "--out", str(out), "--rounds", "3",
-        "--min-devices", "1", "--round-timeout", "60", "--devices", "pi-1", *COMMON,
+        "--min-devices", "1", "--round-timeout", "60", "--devices", "pi-1", *ROUND_FLAGS,
     )  # fmt: skip
     server = serve(*args, log=tmp_path / "server1.log")
     device = None
@@ -240,7 +239,7 @@ def test_readme_fleet_runs_as_written_across_machines(small_export, tmp_path, ma
         "--bundle", str(small_export.server_dir), "--test-data", str(tmp_path / "data/test.npz"),
         "--rounds", "2", "--min-devices", "2", "--listen", "0.0.0.0:1883", "--out", str(out),
         "--devices", "pi-1,pi-2",
-        *COMMON, log=tmp_path / "server.log", prefix=machines.prefix("server"),
+        *ROUND_FLAGS, log=tmp_path / "server.log", prefix=machines.prefix("server"),
     )  # fmt: skip
     fleet = []
     try:

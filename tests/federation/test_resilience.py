@@ -12,6 +12,7 @@ import pytest
 from sfprompt.cloud_server.checkpoint import load_checkpoint
 from sfprompt.cloud_server.rounds import params_digest
 from tests.federation.harness import (
+    ROUND_FLAGS,
     finish,
     metrics_lines,
     start_fleet_device,
@@ -20,8 +21,6 @@ from tests.federation.harness import (
     write_shards,
 )
 from tests.helpers import wait_for
-
-COMMON = ("--batch-size", "16", "--keep-ratio", "0.5", "--local-lr", "0.01", "--split-lr", "0.05")
 
 
 def devices(bundle, broker, shards, tmp_path: Path, *extra: str):
@@ -53,7 +52,7 @@ def test_server_killed_and_restarted_resumes_from_its_last_round(small_export, b
     out = tmp_path / "server"
     args = (
         "--bundle", str(small_export.server_dir), "--broker", broker.url, "--out", str(out),
-        "--rounds", "4", "--min-devices", "2", "--round-timeout", "60", *COMMON,
+        "--rounds", "4", "--min-devices", "2", "--round-timeout", "60", *ROUND_FLAGS,
     )  # fmt: skip
     fleet = devices(small_export, broker, shards, tmp_path)
     server = start_server(*args, log=tmp_path / "server1.log")
@@ -90,7 +89,7 @@ def test_devices_that_vanish_mid_round_do_not_stall_the_federation(small_export,
     server = start_server(
         "--bundle", str(small_export.server_dir), "--broker", broker.url, "--out", str(out),
         "--rounds", "2", "--min-devices", "3", "--round-timeout", "40", "--offline-grace", "3",
-        *COMMON, "--batch-size", "8", log=tmp_path / "server.log",
+        *ROUND_FLAGS, "--batch-size", "8", log=tmp_path / "server.log",
     )  # fmt: skip
     fleet = devices(small_export, broker, shards, tmp_path, "--leave-when-server-stops")
     try:
@@ -119,7 +118,7 @@ def test_a_broker_restarted_mid_round_does_not_stop_the_federation(small_export,
     out = tmp_path / "server"
     server = start_server(
         "--bundle", str(small_export.server_dir), "--broker", broker.url, "--out", str(out),
-        "--rounds", "3", "--min-devices", "2", "--round-timeout", "90", *COMMON,
+        "--rounds", "3", "--min-devices", "2", "--round-timeout", "90", *ROUND_FLAGS,
         "--batch-size", "8",
         log=tmp_path / "server.log",
     )  # fmt: skip
