@@ -20,7 +20,8 @@ from safetensors.numpy import load_file
 from sfprompt.protocol.bundle import BundleError, Manifest, load_manifest
 
 Params = dict[str, np.ndarray]
-GRAPHS = ("head_forward", "head_vjp", "tail_step", "tail_forward")
+GRAPHS = ("head_forward", "head_vjp", "tail_step", "tail_forward")  # every bundle, with twins
+TAPE_GRAPHS = ("head_tape_forward", "head_tape_backward")  # ONNX only; bundles since v0.13
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,25 @@ class TailStepResult:
     logits: np.ndarray  # (B, C)
     grad_input: np.ndarray  # dL/d(tail input), (B, R, D)
     grads: Params  # dL/d(param) by bundle key
+
+
+@dataclass
+class HeadTape:
+    """What `head_vjp` needs of one batch's head forward, held by the caller in between.
+
+    `saved` holds the tape graphs' outputs, one list per micro-batch, and is emptied as the
+    backward uses it (so a tape is freed chunk by chunk and cannot be applied twice); None
+    means the runtime recomputes the forward from `image` and `prompt`.
+    """
+
+    image: np.ndarray
+    prompt: np.ndarray
+    saved: list[list[np.ndarray]] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the tape keeps alive beyond the images and prompt the caller holds anyway."""
+        return sum(a.nbytes for chunk in self.saved or [] for a in chunk)
 
 
 def return_freed_memory_promptly() -> None:
@@ -79,6 +99,14 @@ class BundleRuntime:
             if value is None:
                 raise BundleError(f"{name}: input {spec.name} was not given")
             spec.check(value.shape, str(value.dtype))
+
+    def _check_grad_h(self, tape: HeadTape, grad_h: np.ndarray) -> None:
+        if len(grad_h) != len(tape.image):
+            raise BundleError(
+                f"head_vjp: {len(tape.image)} images but {len(grad_h)} rows of grad_h"
+            )
+        if tape.saved == []:
+            raise BundleError("head_vjp: this tape was already used (one backward per forward)")
 
     def _chunks(self, batch: int) -> list[slice]:
         step = self.micro_batch or batch

@@ -60,7 +60,7 @@ class EdgeDevice:
         self.cfg = cfg
         self.stop = stop or threading.Event()
         self.runtime: DeviceRuntime = open_runtime(
-            cfg.bundle, cfg.runtime, cfg.threads, self._micro_batch()
+            cfg.bundle, cfg.runtime, cfg.threads, self._micro_batch(), cfg.head_tape
         )
         self.manifest = self.runtime.manifest
         images = load_image_set(cfg.data, split=cfg.data_split, on_skip=log.warning)
@@ -80,7 +80,12 @@ class EdgeDevice:
         from .memory_budget import choose_micro_batch
 
         choice = choose_micro_batch(
-            self.cfg.bundle, self.cfg.runtime, 32, self.cfg.memory_budget_mb, self.cfg.threads
+            self.cfg.bundle,
+            self.cfg.runtime,
+            32,
+            self.cfg.memory_budget_mb,
+            self.cfg.threads,
+            self.cfg.head_tape,
         )
         log.info("memory budget %.0f MB: micro-batch %s", self.cfg.memory_budget_mb, choice)
         return int(choice.micro_batch)

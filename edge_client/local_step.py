@@ -35,12 +35,12 @@ def local_gradients(
 ) -> tuple[TailStepResult, Params]:
     """The tail step (loss, logits before the update) and the gradient of every parameter."""
     with phase("head_forward"):
-        h = runtime.head_forward(images, params[PROMPT_KEY])
+        h, tape = runtime.head_forward_taped(images, params[PROMPT_KEY])
     with phase("tail_step"):
         step = runtime.tail_step(params, select(h, runtime.manifest), labels, weight)
     with phase("head_vjp"):
         grad_h = scatter_grad(step.grad_input, runtime.manifest)
-        grad_prompt = runtime.head_vjp(images, params[PROMPT_KEY], grad_h)
+        grad_prompt = runtime.head_vjp(tape, grad_h)
     return step, {PROMPT_KEY: grad_prompt, **step.grads}
 
 

@@ -77,6 +77,7 @@ def measure_step(
     threads: int | None = None,
     steps: int = 2,
     timeout_s: float = 600,
+    keep_tape: bool = True,
 ) -> StepMeasurement:
     """Run `steps` local steps in a fresh process and return its peak RSS and step time.
 
@@ -94,6 +95,7 @@ def measure_step(
         str(micro_batch),
         str(threads or 0),
         str(steps),
+        str(int(keep_tape)),
     ]
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=timeout_s, cwd=child_cwd()
@@ -131,6 +133,7 @@ def choose_micro_batch(
     batch: int,
     budget_mb: float,
     threads: int | None = None,
+    keep_tape: bool = True,
 ) -> MicroBatchChoice:
     """The largest candidate micro-batch whose local step peaks within `budget_mb` of RSS.
 
@@ -151,7 +154,9 @@ def choose_micro_batch(
 
     def fits(micro_batch: int) -> bool:
         try:
-            peak = measure_step(bundle, runtime_kind, batch, micro_batch, threads).peak_rss_mb
+            peak = measure_step(
+                bundle, runtime_kind, batch, micro_batch, threads, keep_tape=keep_tape
+            ).peak_rss_mb
         except ChildProcessError as exc:
             if not _killed(exc):
                 raise
@@ -181,7 +186,9 @@ def peak_rss_mb() -> float | None:
     return None
 
 
-def _child(bundle: str, kind: str, batch: int, micro_batch: int, threads: int, steps: int) -> dict:
+def _child(
+    bundle: str, kind: str, batch: int, micro_batch: int, threads: int, steps: int, tape: int
+) -> dict:
     import numpy as np
     import psutil
 
@@ -193,7 +200,7 @@ def _child(bundle: str, kind: str, batch: int, micro_batch: int, threads: int, s
     sampler = MemoryProfiler(interval_s=0.002) if peak_rss_mb() is None else None
     times = []
     with sampler or contextlib.nullcontext():
-        runtime = open_runtime(bundle, kind, threads or None, micro_batch)
+        runtime = open_runtime(bundle, kind, threads or None, micro_batch, bool(tape))
         opened_mb = psutil.Process().memory_info().rss / MIB
         params = runtime.initial_parameters()
         images, labels = synthetic_batch(runtime, batch)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .bundle_runtime import BundleRuntime, Params, TailStepResult
+from .bundle_runtime import TAPE_GRAPHS, BundleRuntime, HeadTape, Params, TailStepResult
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -33,12 +33,22 @@ class OnnxDeviceRuntime(BundleRuntime):
     """The four device computations of one bundle, checked against its manifest."""
 
     def __init__(
-        self, bundle: Path | str, threads: int | None = None, micro_batch: int | None = 4
+        self,
+        bundle: Path | str,
+        threads: int | None = None,
+        micro_batch: int | None = 4,
+        keep_tape: bool = True,
     ) -> None:
-        """`micro_batch` bounds how many samples the head graphs see at once (None: all)."""
+        """`micro_batch` bounds how many samples the head graphs see at once (None: all);
+        `keep_tape` keeps the head forward's activations for its backward instead of
+        recomputing them (faster, more memory; a bundle without tape graphs recomputes)."""
         super().__init__(bundle, micro_batch)
         self._options = session_options(threads)
         self._sessions: dict[str, ort.InferenceSession] = {}
+        self.keeps_tape = keep_tape and all(g in self.manifest.graphs for g in TAPE_GRAPHS)
+        if self.keeps_tape:
+            outputs = self.manifest.graphs["head_tape_forward"].outputs
+            self._tape_names = [spec.name for spec in outputs[1:]]
 
     def _session(self, name: str) -> ort.InferenceSession:
         if name not in self._sessions:
@@ -60,15 +70,34 @@ class OnnxDeviceRuntime(BundleRuntime):
         ]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def head_vjp(self, image: np.ndarray, prompt: np.ndarray, grad_h: np.ndarray) -> np.ndarray:
-        """dL/dh (B, T, D) -> dL/dprompt (P, D), recomputing the head's forward pass.
+    def head_forward_taped(
+        self, image: np.ndarray, prompt: np.ndarray
+    ) -> tuple[np.ndarray, HeadTape]:
+        """h as `head_forward` gives it, and the tape `head_vjp` will need for this batch."""
+        if not self.keeps_tape:
+            return self.head_forward(image, prompt), HeadTape(image, prompt)
+        hs, saved = [], []
+        for c in self._chunks(len(image)):
+            h, *tape = self._run("head_tape_forward", {"image": image[c], "prompt": prompt})
+            hs.append(h)
+            saved.append(tape)
+        return (hs[0] if len(hs) == 1 else np.concatenate(hs)), HeadTape(image, prompt, saved)
+
+    def head_vjp(self, tape: HeadTape, grad_h: np.ndarray) -> np.ndarray:
+        """dL/dh (B, T, D) -> dL/dprompt (P, D), from the tape or by recomputing the forward.
 
         The prompt is shared by every sample, so its gradient is the sum over micro-batches.
         """
-        total = np.zeros_like(prompt)
-        for c in self._chunks(len(image)):
-            feeds = {"image": image[c], "prompt": prompt, "grad_h": grad_h[c]}
-            total += self._run("head_vjp", feeds)[0]
+        self._check_grad_h(tape, grad_h)
+        total = np.zeros_like(tape.prompt)
+        for c in self._chunks(len(tape.image)):
+            if tape.saved is None:
+                feeds = {"image": tape.image[c], "prompt": tape.prompt, "grad_h": grad_h[c]}
+                total += self._run("head_vjp", feeds)[0]
+            else:
+                feeds = dict(zip(self._tape_names, tape.saved.pop(0)))  # freed as it goes
+                feeds["grad_h"] = np.ascontiguousarray(grad_h[c])
+                total += self._run("head_tape_backward", feeds)[0]
         return total
 
     def tail_step(

@@ -143,10 +143,12 @@ def split_train(
             _check(should_stop)
             x, y = data.batch(idx)
             prompt = params[PROMPT_KEY]
-            z = link.forward(runtime.head_forward(x, prompt))
+            h, tape = runtime.head_forward_taped(x, prompt)
+            z = link.forward(h)
             step = runtime.tail_step(params, z, y, np.ones(len(idx), np.float32))
             grad_h = link.backward(step.grad_input)
-            grad_prompt = runtime.head_vjp(x, prompt, grad_h)
+            grad_prompt = runtime.head_vjp(tape, grad_h)
+            del h, tape  # the next batch's tape is not to sit beside this one
             optimizer.step(params, {PROMPT_KEY: grad_prompt, **step.grads})
             losses.append(step.loss)
             steps += 1

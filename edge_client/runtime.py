@@ -14,7 +14,7 @@ import numpy as np
 
 from sfprompt.protocol.bundle import Manifest
 
-from .bundle_runtime import Params, TailStepResult
+from .bundle_runtime import HeadTape, Params, TailStepResult
 from .onnx_runtime import OnnxDeviceRuntime
 
 RUNTIMES = ("onnx", "torchscript")
@@ -31,7 +31,11 @@ class DeviceRuntime(Protocol):
 
     def head_forward(self, image: np.ndarray, prompt: np.ndarray) -> np.ndarray: ...
 
-    def head_vjp(self, image: np.ndarray, prompt: np.ndarray, grad_h: np.ndarray) -> np.ndarray: ...
+    def head_forward_taped(
+        self, image: np.ndarray, prompt: np.ndarray
+    ) -> tuple[np.ndarray, HeadTape]: ...
+
+    def head_vjp(self, tape: HeadTape, grad_h: np.ndarray) -> np.ndarray: ...
 
     def tail_step(
         self, params: Params, tail_input: np.ndarray, labels: np.ndarray, weight: np.ndarray
@@ -41,11 +45,18 @@ class DeviceRuntime(Protocol):
 
 
 def open_runtime(
-    bundle: Path | str, kind: str = "onnx", threads: int | None = None, micro_batch: int | None = 4
+    bundle: Path | str,
+    kind: str = "onnx",
+    threads: int | None = None,
+    micro_batch: int | None = 4,
+    keep_tape: bool = True,
 ) -> DeviceRuntime:
-    """Open a device bundle with the named runtime; raises ValueError for an unknown name."""
+    """Open a device bundle with the named runtime; raises ValueError for an unknown name.
+
+    `keep_tape` (onnx only) keeps the head's activations between forward and backward.
+    """
     if kind == "onnx":
-        return OnnxDeviceRuntime(bundle, threads, micro_batch)
+        return OnnxDeviceRuntime(bundle, threads, micro_batch, keep_tape)
     if kind == "torchscript":
         from .torchscript_runtime import TorchScriptDeviceRuntime  # imports torch
 

@@ -17,7 +17,7 @@ import torch
 
 from sfprompt.protocol.bundle import BundleError
 
-from .bundle_runtime import GRAPHS, BundleRuntime, Params, TailStepResult
+from .bundle_runtime import GRAPHS, BundleRuntime, HeadTape, Params, TailStepResult
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -69,14 +69,20 @@ class TorchScriptDeviceRuntime(BundleRuntime):
             parts = [module(_tensor(image[c]), p).numpy() for c in self._chunks(len(image))]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def head_vjp(self, image: np.ndarray, prompt: np.ndarray, grad_h: np.ndarray) -> np.ndarray:
+    def head_forward_taped(
+        self, image: np.ndarray, prompt: np.ndarray
+    ) -> tuple[np.ndarray, HeadTape]:
+        """h, and a tape from which `head_vjp` recomputes the forward (twins keep no tape)."""
+        return self.head_forward(image, prompt), HeadTape(image, prompt)
+
+    def head_vjp(self, tape: HeadTape, grad_h: np.ndarray) -> np.ndarray:
         """dL/dh (B, T, D) -> dL/dprompt (P, D), recomputing the head's forward pass.
 
         The prompt is shared by every sample, so its gradient is the sum over micro-batches.
         """
+        image, prompt = tape.image, tape.prompt
         self._check_inputs("head_vjp", {"image": image, "prompt": prompt, "grad_h": grad_h})
-        if len(grad_h) != len(image):
-            raise BundleError(f"head_vjp: {len(image)} images but {len(grad_h)} rows of grad_h")
+        self._check_grad_h(tape, grad_h)
         module = self._module("head_vjp")
         p = _tensor(prompt)
         total = np.zeros_like(prompt)

@@ -1,7 +1,8 @@
 """Write the device bundle and the server bundle for one model and one cut.
 
 device bundle: head_forward / head_vjp / tail_step / tail_forward as ONNX graphs and
-TorchScript twins, the initial prompt + tail (safetensors), the preprocessing config and
+TorchScript twins, head_tape_forward / head_tape_backward (the head's training pass without
+recomputation, ONNX only), the initial prompt + tail (safetensors), the preprocessing config and
 `manifest.json` with shapes, dtypes and the sha256 of every file.
 server bundle: the frozen body and head weights, the initial prompt + tail, and its manifest.
 """
@@ -30,6 +31,7 @@ from sfprompt.protocol.bundle import (
 from . import device_graphs as dg
 from .config import ExportConfig
 from .cut_manifest import base_manifest, preprocess_config
+from .head_tape import export_head_tape
 from .model_loading import create_vit
 from .onnx_export import export_onnx
 from .split_vit import PROMPT_KEY, SplitViT, init_prompt, select_tail_input
@@ -154,6 +156,9 @@ def write_bundles(
         path = device_dir / f"{spec.name}.onnx"
         export_onnx(spec, example, path)
         graphs[spec.name] = graph_spec(path, twins[spec.name])
+    progress("exporting the head's forward with its tape, and its backward")
+    tape = export_head_tape(split.head, example["image"], prompt, device_dir)
+    graphs.update({name: graph_spec(path, "") for name, path in tape.items()})
 
     save_file({k: v.contiguous() for k, v in weights.items()}, str(device_dir / WEIGHTS_FILE))
     param_specs = {k: TensorSpec(k, "float32", tuple(v.shape)) for k, v in weights.items()}

@@ -45,16 +45,33 @@ def export_onnx(spec: DeviceFunction, example: dict[str, torch.Tensor], path: Pa
     args = tuple(example[name] for name in spec.input_names)
     traced = make_fx(spec.fn, tracing_mode="symbolic")(spec.frozen, *args)
     module = _Frozen(traced, spec.frozen).eval()
+    rows = {n: 1 for n in spec.batched_inputs}
+    save_module_onnx(module, args, spec.input_names, spec.output_names, rows, path)
+
+
+def save_module_onnx(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    input_names: tuple[str, ...],
+    output_names: tuple[str, ...],
+    batch_rows: dict[str, int],
+    path: Path,
+) -> None:
+    """Export `module(*args)` with a dynamic batch: input `n` has `batch_rows[n]` x batch rows
+    (absent: no batch dimension). Its buffers become initializers."""
     batch = torch.export.Dim("batch", min=1, max=4096)
-    dynamic = tuple({0: batch} if n in spec.batched_inputs else None for n in spec.input_names)
+    dynamic = tuple(
+        ({0: batch if batch_rows[n] == 1 else batch * batch_rows[n]} if n in batch_rows else None)
+        for n in input_names
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module,
             args,
             dynamo=True,
-            input_names=list(spec.input_names),
-            output_names=list(spec.output_names),
+            input_names=list(input_names),
+            output_names=list(output_names),
             dynamic_shapes=(dynamic,),  # one entry: forward takes *inputs
             opset_version=OPSET,
             external_data=False,

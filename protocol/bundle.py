@@ -76,7 +76,7 @@ class GraphSpec:
     """One computation the device runs, as an ONNX graph and its TorchScript twin."""
 
     onnx: str
-    torchscript: str
+    torchscript: str  # "" where a graph has no TorchScript twin
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 

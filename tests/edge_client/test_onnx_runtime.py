@@ -22,20 +22,25 @@ def case(request: pytest.FixtureRequest, exported_cases: ExportedCases) -> Expor
     return exported_cases[request.param]
 
 
-def test_local_loss_prompt_gradient_matches_autograd(case) -> None:
-    """head -> select -> tail on the device equals autograd through the eager model."""
-    runtime = OnnxDeviceRuntime(case.result.device_dir, threads=1)
+@pytest.mark.parametrize("keep_tape", [True, False], ids=["tape", "recompute"])
+def test_local_loss_prompt_gradient_matches_autograd(case, keep_tape: bool) -> None:
+    """head -> select -> tail on the device equals autograd through the eager model, whether
+    the head's backward reads the forward's tape or recomputes the forward."""
+    runtime = OnnxDeviceRuntime(
+        case.result.device_dir, threads=1, micro_batch=2, keep_tape=keep_tape
+    )
+    assert runtime.keeps_tape is keep_tape
     params = runtime.initial_parameters()
     rng = np.random.default_rng(0)
     image = rng.standard_normal((3, 3, 32, 32)).astype(np.float32)
     labels = np.array([0, 3, 6], dtype=np.int64)
     weight = np.ones(3, dtype=np.float32)
 
-    h = runtime.head_forward(image, params[PROMPT_KEY])
+    h, tape = runtime.head_forward_taped(image, params[PROMPT_KEY])
+    assert (tape.nbytes > 0) is keep_tape
+    np.testing.assert_array_equal(h, runtime.head_forward(image, params[PROMPT_KEY]))
     step = runtime.tail_step(params, select(h, runtime.manifest), labels, weight)
-    grad_prompt = runtime.head_vjp(
-        image, params[PROMPT_KEY], scatter_grad(step.grad_input, runtime.manifest)
-    )
+    grad_prompt = runtime.head_vjp(tape, scatter_grad(step.grad_input, runtime.manifest))
 
     split = case.split
     prompt = torch.from_numpy(params[PROMPT_KEY]).requires_grad_(True)
@@ -62,3 +67,17 @@ def test_wrong_shapes_are_refused_before_onnxruntime_sees_them(case) -> None:
         runtime.head_forward(
             np.zeros((2, 3, 32, 32), np.float32), params[PROMPT_KEY].astype(np.float64)
         )
+
+
+def test_a_tape_serves_one_backward_and_is_freed_by_it(case) -> None:
+    runtime = OnnxDeviceRuntime(case.result.device_dir, threads=1, micro_batch=2)
+    params = runtime.initial_parameters()
+    image = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    h, tape = runtime.head_forward_taped(image, params[PROMPT_KEY])
+    assert len(tape.saved or []) == 2  # micro-batches of 2 and 1
+    with pytest.raises(ValueError, match="3 images but 2 rows of grad_h"):
+        runtime.head_vjp(tape, np.ones_like(h[:2]))
+    runtime.head_vjp(tape, np.ones_like(h))
+    assert tape.saved == [] and tape.nbytes == 0
+    with pytest.raises(ValueError, match="already used"):
+        runtime.head_vjp(tape, np.ones_like(h))

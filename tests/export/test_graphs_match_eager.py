@@ -103,6 +103,22 @@ def test_onnx_matches_eager_autograd(exported: Exported, batch_of) -> None:
     assert rel_err(logits, want[1]) <= RTOL
 
 
+@pytest.mark.parametrize("batch_of", [lambda b: b, lambda b: 1])
+def test_tape_graphs_match_eager_autograd(exported: Exported, batch_of) -> None:
+    """The head forward that keeps its tape, and the backward that reads it, give what the
+    eager head and autograd give (no recomputation involved)."""
+    x = inputs(exported, batch_of(exported.batch), seed=3)
+    h, *tape = run_onnx(exported, "head_tape_forward", x)
+    assert rel_err(h, exported.split.head(x["image"], x["prompt"])) <= RTOL
+    assert tape, "a head with attention must keep something for its backward"
+    backward = exported.result.device.graphs["head_tape_backward"]
+    names = [s.name for s in backward.inputs]
+    assert names == ["grad_h", *(f"tape.{i}" for i in range(len(tape)))]
+    x.update({n: torch.from_numpy(t) for n, t in zip(names[1:], tape)})
+    (grad_prompt,) = run_onnx(exported, "head_tape_backward", x)
+    assert rel_err(grad_prompt, eager_head_vjp(exported, x)) <= RTOL
+
+
 def test_torchscript_twins_match_eager_autograd(exported: Exported) -> None:
     d = exported.result.device_dir
     for batch in (exported.batch, 1, exported.batch - 1):
