@@ -1,7 +1,7 @@
 """Which onnxruntime session options make the device step fast without giving back its memory.
 
 The device runtime builds lean sessions (no arena, no memory patterns, no pre-packed weights,
-head graphs in micro-batches of 4). For one bundle, each variant below runs N device steps in a
+head graphs in micro-batches of 4) and keeps the head forward's tape for its backward. For one bundle, each variant below runs N device steps in a
 fresh process (bench/device_process.py) and prints its median step time and peak RSS, beside
 PyTorch eager's in the same run: the ratios are what to read, not the absolute times.
 
@@ -26,17 +26,20 @@ from sfprompt.export.config import ExportConfig
 
 HERE = Path(__file__).parent
 VARIANTS: dict[str, dict] = {
+    "recompute the head forward (--no-head-tape)": {"tape": False},
     "lean (the runtime's defaults)": {},
     "whole batch (no micro-batches)": {"micro_batch": None},
     "pre-packed weights": {"prepacking": True},
     "arena": {"arena": True},
+    "pre-packed weights + arena": {"prepacking": True, "arena": True},
+    "whole batch, pre-packed + arena": {"micro_batch": None, "prepacking": True, "arena": True},
+    "one shared arena, grown as asked": {"shared_arena": 1},
+    "one shared arena, grown as asked, pre-packed": {"shared_arena": 1, "prepacking": True},
+    "one shared arena, doubling": {"shared_arena": 0},
     "memory patterns": {"mem_pattern": True},
-    "arena + memory patterns": {"arena": True, "mem_pattern": True},
-    "all three": {"micro_batch": None, "prepacking": True, "arena": True, "mem_pattern": True},
+    "all four": {"micro_batch": None, "prepacking": True, "arena": True, "mem_pattern": True},
     "basic graph optimisation": {"opt_level": "basic"},
-    "glibc mmap threshold 4 MB": {"mmap_threshold": 4 << 20},
     "glibc mmap threshold 32 MB": {"mmap_threshold": 32 << 20},
-    "arena, mmap threshold 32 MB": {"arena": True, "mmap_threshold": 32 << 20},
 }
 
 
@@ -57,6 +60,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bundle", type=Path, help="A device bundle (default: export --model).")
+    parser.add_argument("--only", help="Run only the variants whose name contains this text.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle
@@ -70,6 +74,8 @@ def main() -> None:
         table.add_row("PyTorch eager", f"{1000 * eager['step_s']:.0f}", "1.00x",
                       f"{eager['peak_rss_mb']:.0f}")  # fmt: skip
         for name, variant in VARIANTS.items():
+            if args.only and args.only not in name:
+                continue
             fig = run("onnx", bundle, args, variant)
             ratio = eager["step_s"] / fig["step_s"]
             table.add_row(name, f"{1000 * fig['step_s']:.0f}", f"{ratio:.2f}x",

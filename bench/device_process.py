@@ -27,7 +27,8 @@ def onnx_steps(bundle: str, batch: int, steps: int, threads: int) -> list[float]
     from sfprompt.edge_client.runtime import synthetic_batch
 
     variant = json.loads(os.environ.get("SFPROMPT_BENCH_ORT", "{}"))  # bench_session_options
-    rt = OnnxDeviceRuntime(bundle, threads=threads, micro_batch=variant.get("micro_batch", 4))
+    micro_batch = variant.get("micro_batch", 4)
+    rt = OnnxDeviceRuntime(bundle, threads, micro_batch, keep_tape=variant.get("tape", True))
     apply_variant(rt._options, variant)
     params = rt.initial_parameters()
     images, labels = synthetic_batch(rt, batch)
@@ -54,6 +55,10 @@ def apply_variant(opts: object, variant: dict) -> None:
         import ctypes
 
         ctypes.CDLL("libc.so.6").mallopt(-3, int(variant["mmap_threshold"]))
+    if "shared_arena" in variant:  # one arena for every session, grown as asked (1) or doubled (0)
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, int(variant["shared_arena"]), -1, -1))
+        opts.add_session_config_entry("session.use_env_allocators", "1")  # type: ignore[attr-defined]
     if variant.get("opt_level") == "basic":
         level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         opts.graph_optimization_level = level  # type: ignore[attr-defined]

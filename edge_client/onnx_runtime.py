@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from sfprompt.protocol.bundle import HEAD_WEIGHTS_EXTRA
+
 from .bundle_runtime import TAPE_GRAPHS, BundleRuntime, HeadTape, Params, TailStepResult
 
 
@@ -27,6 +29,27 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     opts.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
     opts.inter_op_num_threads = 1
     return opts
+
+
+def open_session(
+    path: Path, options: ort.SessionOptions, half_weights: bool
+) -> ort.InferenceSession:
+    """A CPU session; for a graph with fp16 weights (export/half_weights.py), one that keeps
+    them fp16: no constant folding, and the "extended" level (the "all" level folds too)."""
+    if not half_weights:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    level = options.graph_optimization_level
+    if level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    try:
+        return ort.InferenceSession(
+            str(path),
+            options,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=["ConstantFolding"],
+        )
+    finally:
+        options.graph_optimization_level = level
 
 
 class OnnxDeviceRuntime(BundleRuntime):
@@ -45,6 +68,7 @@ class OnnxDeviceRuntime(BundleRuntime):
         super().__init__(bundle, micro_batch)
         self._options = session_options(threads)
         self._sessions: dict[str, ort.InferenceSession] = {}
+        self._half_weights = self.manifest.extra.get(HEAD_WEIGHTS_EXTRA) == "fp16"
         self.keeps_tape = keep_tape and all(g in self.manifest.graphs for g in TAPE_GRAPHS)
         if self.keeps_tape:
             outputs = self.manifest.graphs["head_tape_forward"].outputs
@@ -53,9 +77,8 @@ class OnnxDeviceRuntime(BundleRuntime):
     def _session(self, name: str) -> ort.InferenceSession:
         if name not in self._sessions:
             path = self.directory / self.manifest.graphs[name].onnx
-            self._sessions[name] = ort.InferenceSession(
-                str(path), self._options, providers=["CPUExecutionProvider"]
-            )
+            half = self._half_weights and name.startswith("head_")
+            self._sessions[name] = open_session(path, self._options, half)
         return self._sessions[name]
 
     def _run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from sfprompt.protocol.bundle import (
     BATCH,
+    HEAD_WEIGHTS_EXTRA,
     GraphSpec,
     Manifest,
     TensorSpec,
@@ -31,6 +32,7 @@ from sfprompt.protocol.bundle import (
 from . import device_graphs as dg
 from .config import ExportConfig
 from .cut_manifest import base_manifest, preprocess_config
+from .half_weights import halve_weights
 from .head_tape import export_head_tape
 from .model_loading import create_vit
 from .onnx_export import export_onnx
@@ -38,6 +40,7 @@ from .split_vit import PROMPT_KEY, SplitViT, init_prompt, select_tail_input
 from .torchscript_export import export_torchscript
 
 WEIGHTS_FILE = "prompt_tail.safetensors"
+HEAD_GRAPHS = ("head_forward", "head_vjp", "head_tape_forward", "head_tape_backward")
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ def example_inputs(
     }
 
 
-_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64"}
+_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64"}  # of I/O
 
 
 def _specs(values: Any) -> tuple[TensorSpec, ...]:
@@ -159,6 +162,11 @@ def write_bundles(
     progress("exporting the head's forward with its tape, and its backward")
     tape = export_head_tape(split.head, example["image"], prompt, device_dir)
     graphs.update({name: graph_spec(path, "") for name, path in tape.items()})
+    if cfg.head_weights == "fp16":
+        progress("storing the head graphs' weights in float16")
+        for name in HEAD_GRAPHS:
+            halve_weights(device_dir / graphs[name].onnx)
+            graphs[name] = graph_spec(device_dir / graphs[name].onnx, graphs[name].torchscript)
 
     save_file({k: v.contiguous() for k, v in weights.items()}, str(device_dir / WEIGHTS_FILE))
     param_specs = {k: TensorSpec(k, "float32", tuple(v.shape)) for k, v in weights.items()}
@@ -168,6 +176,7 @@ def write_bundles(
         weights={"initial": WEIGHTS_FILE},
         parameters=param_specs,
         preprocess=preprocess_config(vit),
+        extra={HEAD_WEIGHTS_EXTRA: cfg.head_weights},
     )
     write_manifest(device_dir, device)
 

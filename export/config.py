@@ -41,6 +41,8 @@ def _parse_value(raw: str) -> Any:
     return raw
 
 
+HEAD_WEIGHTS = ("fp32", "fp16")
+
 
 @dataclass
 class ExportConfig:
@@ -93,6 +95,15 @@ class ExportConfig:
     )
     tail_blocks: int = field(
         default=0, metadata=opt("Blocks kept on the device after the body, M >= 0.")
+    )
+    head_weights: str = field(
+        default="fp32",
+        metadata=opt(
+            "How the device's ONNX head graphs store the frozen head weights: fp16 halves "
+            "their bytes on disk and in the device's memory (the arithmetic stays float32; the "
+            "head then computes with weights rounded to fp16). TorchScript twins stay fp32.",
+            choices=HEAD_WEIGHTS,
+        ),
     )
     batch: int = field(  # the graphs accept any batch size
         default=8, metadata=opt("The device's planned batch size B (graphs take any).")

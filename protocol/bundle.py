@@ -99,6 +99,9 @@ class TailInput:
     shape: tuple[int | str, ...]  # (batch, tokens, dim)
 
 
+HEAD_WEIGHTS_EXTRA = "head_weights"  # Manifest.extra key: "fp16" where head graphs halve weights
+
+
 @dataclass(frozen=True)
 class Manifest:
     """Everything a reader needs to know about a bundle without opening its files."""
