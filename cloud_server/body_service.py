@@ -9,6 +9,9 @@ the devices `owns` assigns it (see docs/cloud_server.md).
 What a device cannot have now (the batcher's queue or the split state is full) is answered with
 ERROR `busy` and nothing of the request is kept; the device sends it again later. A request over
 the batcher's `max_request` samples is answered `too_large`.
+
+Replies travel in `encoding_down` (serve's `--encoding-down`), or by default in the encoding each
+request came in; every message names its own encoding, so a device decodes whichever it gets.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from sfprompt.protocol.messages import BodyOut, Error, GradH, GradZ, Message, Sm
 from sfprompt.protocol.mqtt_client import MqttClient
 
 from .batcher import BatcherBusy, BodyBatcher
+from .rounds import DOWN_ENCODINGS, SAME_ENCODING
 from .step_state import StateFull, StepStore
 
 log = logging.getLogger(__name__)
@@ -47,11 +51,15 @@ class BodyService:
         batcher: BodyBatcher,
         store: StepStore,
         owns: Callable[[str], bool] = lambda device_id: True,
+        encoding_down: str = SAME_ENCODING,
     ) -> None:
+        if encoding_down not in DOWN_ENCODINGS:
+            raise ValueError(f"encoding_down: one of {DOWN_ENCODINGS}, not {encoding_down!r}")
         self.client = client
         self.batcher = batcher
         self.store = store
         self.owns = owns
+        self.encoding_down = encoding_down
         self._served: OrderedDict[str, None] = OrderedDict()  # for the log, bounded
 
     def attach(self) -> BodyService:
@@ -142,13 +150,16 @@ class BodyService:
                 device_id=msg.device_id,
                 round=msg.round,
                 step=msg.step,
-                encoding=msg.encoding,
+                encoding=self._reply_encoding(msg),
                 **{field: np.ascontiguousarray(tensor, dtype=np.float32)},
             )
         try:
             self.client.respond(inbound, reply)
         except Exception:
             log.exception("could not answer %s of %s", msg.kind, msg.device_id)
+
+    def _reply_encoding(self, msg: Smashed | GradZ) -> str:
+        return msg.encoding if self.encoding_down == SAME_ENCODING else self.encoding_down
 
 
 def _refusal(msg: Smashed | GradZ, exc: Exception) -> Error:

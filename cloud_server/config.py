@@ -13,7 +13,7 @@ from sfprompt.export.config import parse_model_args
 from sfprompt.options import internal, opt
 from sfprompt.protocol.client_config import ClientConfig
 
-from .rounds import RoundConfig
+from .rounds import DOWN_ENCODINGS, RoundConfig
 
 if TYPE_CHECKING:
     import torch
@@ -174,5 +174,12 @@ class WorkerConfig:
     workers: int = field(
         default=1,
         metadata=opt("How many workers share the devices (serve --body-workers N).", flag="--of"),
+    )
+    encoding_down: str = field(
+        default=RoundConfig.encoding_down,
+        metadata=opt(
+            "How replies (z and dL/dh) travel: serve's --encoding-down (same: as each request).",
+            choices=DOWN_ENCODINGS,
+        ),
     )
     state_ttl_s: float = field(default=600.0, metadata=internal())

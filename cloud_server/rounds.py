@@ -19,6 +19,10 @@ from .aggregation import RULES, AggregationConfig
 
 Params = dict[str, np.ndarray]
 
+SAME_ENCODING = "same"
+"""`encoding_down`'s default: the server replies in the encoding of each request."""
+DOWN_ENCODINGS = (SAME_ENCODING, *ENCODINGS)
+
 
 @dataclass(frozen=True)
 class RoundConfig:
@@ -69,7 +73,21 @@ class RoundConfig:
     batch_size: int = field(default=32, metadata=opt("Devices' batch size in both phases."))
     encoding: str = field(
         default="fp32",
-        metadata=opt("How activations and gradients travel.", choices=ENCODINGS),
+        metadata=opt(
+            "How activations and gradients travel (up: h and dL/dz; down too unless "
+            "--encoding-down says otherwise).",
+            choices=ENCODINGS,
+        ),
+    )
+    # Per direction: the downlink is often wider than the uplink (the paper's 54 vs 12 Mbps),
+    # so a deployment may keep z and dL/dh exact while squeezing what devices send.
+    encoding_down: str = field(
+        default=SAME_ENCODING,
+        metadata=opt(
+            "How the server's replies (z and dL/dh) travel; same: as each request came "
+            "(--encoding). Each message names its own encoding, so devices decode any.",
+            choices=DOWN_ENCODINGS,
+        ),
     )
     prune: str = field(
         default="class",
@@ -132,6 +150,11 @@ class RoundConfig:
 
     def __post_init__(self) -> None:
         self.aggregation_config()  # raises ValueError naming a bad bound or rule
+        if self.encoding not in ENCODINGS or self.encoding_down not in DOWN_ENCODINGS:
+            raise ValueError(
+                f"encoding must be one of {ENCODINGS} and encoding_down one of "
+                f"{DOWN_ENCODINGS}, got {self.encoding!r} and {self.encoding_down!r}"
+            )
         if isinstance(self.max_refusals, bool) or not isinstance(self.max_refusals, int):
             raise ValueError(f"max_refusals must be an integer, got {self.max_refusals!r}")
         if self.max_refusals < 1:
@@ -147,6 +170,11 @@ class RoundConfig:
             max_global_growth=self.max_global_growth,
             server_lr=self.server_lr,
         )
+
+    @property
+    def down_encoding(self) -> str:
+        """What BODY_OUT and GRAD_H travel in: `encoding_down`, or `encoding` for same."""
+        return self.encoding if self.encoding_down == SAME_ENCODING else self.encoding_down
 
     def settings(self, deadline: float) -> PhaseSettings:
         return PhaseSettings(

@@ -123,7 +123,7 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> list[dict]:
         batcher = None  # with body workers, they run the body, not this process
         if cfg.body_workers == 0:
             batcher = BodyBatcher(model, cfg.body.max_batch, cfg.body.max_wait_ms / 1000).start()
-            BodyService(client, batcher, store).attach()
+            BodyService(client, batcher, store, encoding_down=cfg.rounds.encoding_down).attach()
         progress = RoundProgress(cfg.rounds.rounds, cfg.progress)
         coordinator = Coordinator(
             client,
@@ -166,7 +166,7 @@ def run_worker(cfg: WorkerConfig, stop: threading.Event | None = None) -> None:
     client = MqttClient(client_cfg)
     batcher = BodyBatcher(model, cfg.body.max_batch, cfg.body.max_wait_ms / 1000).start()
     owns = lambda device_id: worker_of(device_id, cfg.workers) == cfg.index  # noqa: E731
-    BodyService(client, batcher, StepStore(cfg.state_ttl_s), owns).attach()
+    BodyService(client, batcher, StepStore(cfg.state_ttl_s), owns, cfg.encoding_down).attach()
     client.connect()
     log.info("body worker %d of %d serving on %s", cfg.index, cfg.workers, model.device)
     try:

@@ -41,6 +41,8 @@ def main(ctx: click.Context, **values: Any) -> None:
           --partitions iid,dirichlet:0.1,dirichlet:1
     A clients-count sweep, as the paper's appendix Figure 2:
       sfprompt-sim --clients 5,10,20,50 --rounds 5
+    SFPrompt per encoding of activations (UP/DOWN for a pair), against fp32:
+      sfprompt-sim --methods sfprompt --encodings fp32,fp16,bf16,int8,int8/fp16
     CIFAR-10 with a pre-trained ViT-Base, where the network allows:
       sfprompt-sim --data cifar10 --root ~/data --download \\
           --model vit_base_patch16_224 --pretrained --clients 10 --rounds 20
@@ -48,6 +50,7 @@ def main(ctx: click.Context, **values: Any) -> None:
     from sfprompt.export.config import ModelError
 
     from .comparison import comparison_rows, print_comparison
+    from .encodings import print_encodings
     from .pipeline import run_simulation
     from .report import print_summary
 
@@ -66,9 +69,12 @@ def main(ctx: click.Context, **values: Any) -> None:
         raise click.ClickException(str(exc)) from exc
     print_summary(outcome.primary, console)
     print_comparison(comparison_rows(outcome.runs), outcome.ceilings, console)
+    if outcome.encodings:
+        print_encodings(outcome.encodings, console)
     folder = outcome.report_dir
+    more = f", {folder / 'encodings.md'}" if outcome.encodings else ""
     console.print(
-        f"report: {folder / 'comparison.md'} and {folder / 'summary.md'} "
+        f"report: {folder / 'comparison.md'}{more} and {folder / 'summary.md'} "
         f"({time.perf_counter() - start:.0f} s)"
     )
 

@@ -5,7 +5,9 @@ scale (ViT-Base, 50,000 CIFAR-10 images, 100 devices) on one machine. This model
 numbers without running one: every message size is the length of a real message encoded by
 `protocol.codec.encode` (zeros of the right shapes), cut into chunks as `MqttClient.packets` cuts
 it, so it follows the codec, the encodings (fp32 / fp16 / bf16 / int8 with its per-row scales)
-and chunking wherever they go.
+and chunking wherever they go. Each direction has its own encoding, as on the wire: SMASHED and
+GRAD_Z in the TASK's `encoding`, BODY_OUT and GRAD_H in the server's `--encoding-down`
+(`encoding_down` below; None: the same as up).
 
 What is counted is what the real federation counts in `metrics.jsonl` (read by
 `sim/run_split._result`): **MQTT payload bytes only**, i.e. the safetensors message, or the sum of
@@ -208,15 +210,22 @@ class CommModel:
 
     # ---- the split exchange -------------------------------------------------------------------
     def split_batch(
-        self, batch: int, encoding: str, stamp: Stamp, shapes: SplitShapes | None = None
+        self,
+        batch: int,
+        encoding: str,
+        stamp: Stamp,
+        shapes: SplitShapes | None = None,
+        encoding_down: str | None = None,
     ) -> tuple[int, int]:
-        """(up, down) of one batch: SMASHED + GRAD_Z up, BODY_OUT + GRAD_H down."""
+        """(up, down) of one batch: SMASHED + GRAD_Z up in `encoding`, BODY_OUT + GRAD_H down
+        in `encoding_down` (None: `encoding`)."""
         shapes = shapes or self.sfprompt_shapes
+        down_encoding = encoding_down or encoding
         h, z = (batch, *shapes.h), (batch, *shapes.z)
         up = self.wire.activation(Smashed, h, encoding, stamp)
         up += self.wire.activation(GradZ, z, encoding, stamp)
-        down = self.wire.activation(BodyOut, z, encoding, stamp)
-        down += self.wire.activation(GradH, h, encoding, stamp)
+        down = self.wire.activation(BodyOut, z, down_encoding, stamp)
+        down += self.wire.activation(GradH, h, down_encoding, stamp)
         return up, down
 
     def split(
@@ -229,6 +238,7 @@ class CommModel:
         epochs: int = 1,
         first_step: int = 1,
         shapes: SplitShapes | None = None,
+        encoding_down: str | None = None,
     ) -> tuple[int, int]:
         """(up, down) of `epochs` passes over `samples`; steps count from `first_step` through
         the round (`SplitLink` numbers them from 1, never restarting at an epoch)."""
@@ -236,7 +246,8 @@ class CommModel:
         step = first_step
         for _ in range(epochs):
             for size in batch_sizes(samples, batch):
-                u, d = self.split_batch(size, encoding, Stamp(device_id, round, step), shapes)
+                stamp = Stamp(device_id, round, step)
+                u, d = self.split_batch(size, encoding, stamp, shapes, encoding_down)
                 up, down, step = up + u, down + d, step + 1
         return up, down
 
@@ -282,9 +293,13 @@ class CommModel:
         metrics: Mapping[str, float] | None = None,
         memory: Mapping[str, float] | None = None,
         class_counts: Sequence[int] | None = None,
+        encoding_down: str | None = None,
     ) -> RoundBytes:
         """A device with `local_samples` images: split training on the samples it keeps, in
         batches of `settings.batch_size`, plus its TASK down and UPDATE up.
+
+        Activations go up in `settings.encoding` and come down in `encoding_down` (the server's
+        `RoundConfig.down_encoding`, which the TASK does not carry; None: the same as up).
 
         `metrics` and `memory`: the UPDATE's maps, for an exact count (default: typical ones).
         `class_counts`: its samples per class, for the per-class pruning rule (`settings.prune`
@@ -293,7 +308,13 @@ class CommModel:
         by_class = class_counts if settings.prune == "class" else None
         kept = kept_samples(local_samples, settings.keep_ratio, by_class)
         up, down = self.split(
-            kept, settings.batch_size, settings.encoding, device_id, round, settings.split_epochs
+            kept,
+            settings.batch_size,
+            settings.encoding,
+            device_id,
+            round,
+            settings.split_epochs,
+            encoding_down=encoding_down,
         )
         if metrics is None or memory is None:
             steps = settings.split_epochs * len(batch_sizes(kept, settings.batch_size))
@@ -313,11 +334,12 @@ class CommModel:
         epochs: int = 1,
         device_id: str = "device-000",
         round: int = 1,
+        encoding_down: str | None = None,
     ) -> RoundBytes:
         """SFL (SplitFed v2): every sample through split training with a prompt-less head,
         and head + tail weights (`weights_bytes`) each way, as `sim/sfl.py` counts it."""
         up, down = self.split(
-            samples, batch, encoding, device_id, round, epochs, 1, self.sfl_shapes
+            samples, batch, encoding, device_id, round, epochs, 1, self.sfl_shapes, encoding_down
         )
         return RoundBytes(up, down, weights_bytes, weights_bytes)
 

@@ -23,7 +23,7 @@ from rich.table import Table
 from sfprompt.units import MB
 
 from .ceilings import Ceiling
-from .results import LABELS, MethodResult
+from .results import LABELS, MethodResult, partition_label
 
 
 @dataclass
@@ -45,10 +45,6 @@ class Row:
     final_std: float  # sample std over seeds (0 with one seed)
     best_mean: float
     mb_per_round: float  # per device, up + down, mean over rounds and seeds
-
-
-def partition_label(spec: str) -> str:
-    return "IID" if spec == "iid" else f"Dirichlet alpha={spec.split(':', 1)[1]}"
 
 
 def comparison_rows(runs: Sequence[SeedRun]) -> list[Row]:
@@ -99,7 +95,13 @@ def _pm(mean: float, std: float) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
-def markdown(rows: Sequence[Row], ceilings: Sequence[Ceiling], settings: dict[str, Any]) -> str:
+def markdown(
+    rows: Sequence[Row],
+    ceilings: Sequence[Ceiling],
+    settings: dict[str, Any],
+    extra: str = "",
+) -> str:
+    """comparison.md; `extra`: more sections (Markdown) before the gaps, e.g. the encodings."""
     lines = [
         "# The comparison: mean ± std over seeds",
         "",
@@ -122,6 +124,8 @@ def markdown(rows: Sequence[Row], ceilings: Sequence[Ceiling], settings: dict[st
             f"| {c.label} | {100 * c.accuracy:.1f} | {c.epochs} | {c.train_samples} |"
             for c in ceilings
         ]
+    if extra:
+        lines += ["", extra.rstrip("\n")]
     lines += ["", "## Gaps", "", *[f"- {s}" for s in gaps(rows)], "", "## Settings", ""]
     lines += [f"- {k}: {v}" for k, v in settings.items()]
     return "\n".join(lines) + "\n"
@@ -183,13 +187,18 @@ def plot_bands(runs: Sequence[SeedRun], ceilings: Sequence[Ceiling], path: Path)
 
 
 def write_comparison(
-    folder: Path, runs: Sequence[SeedRun], ceilings: Sequence[Ceiling], settings: dict[str, Any]
+    folder: Path,
+    runs: Sequence[SeedRun],
+    ceilings: Sequence[Ceiling],
+    settings: dict[str, Any],
+    extra: str = "",
 ) -> list[Path]:
-    """comparison.md, comparison.json (every seed's curve too) and accuracy_bands.png."""
+    """comparison.md (with the sections `extra`), comparison.json (every seed's curve too) and
+    accuracy_bands.png."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = comparison_rows(runs)
     md = folder / "comparison.md"
-    md.write_text(markdown(rows, ceilings, settings))
+    md.write_text(markdown(rows, ceilings, settings, extra))
     data = {
         "rows": [asdict(r) for r in rows],
         "ceilings": [asdict(c) for c in ceilings],

@@ -15,6 +15,7 @@ from sfprompt.export.config import parse_model_args
 from sfprompt.options import opt
 from sfprompt.protocol.messages import PRUNE_MODES
 
+from .encodings import Setting
 from .results import METHODS
 
 # SFL is left out of the default only for `make demo`'s 15 minutes: add it with --methods
@@ -126,6 +127,16 @@ class SimConfig:
         default=DEFAULT_METHODS,
         metadata=opt(f"Any of: {', '.join(METHODS)}.", comma_list=True),
     )
+    encodings: tuple[str, ...] = field(
+        default=(),
+        metadata=opt(
+            "An encodings sweep: SFPrompt once per setting (fp32, fp16, bf16, int8, or UP/DOWN "
+            "such as int8/fp16: int8 up, fp16 down) on the comparison's partitions and seeds, "
+            "against fp32 (always run, or taken from --methods' sfprompt).",
+            comma_list=True,
+            metavar="ENC[/DOWN],...",
+        ),
+    )
     prompts: int = field(default=10, metadata=opt("Learnable prompt tokens."))
     head_blocks: int = field(default=1, metadata=opt("Blocks on the device before the body."))
     tail_blocks: int = field(default=0, metadata=opt("Blocks on the device after the body."))
@@ -194,3 +205,5 @@ class SimConfig:
         unknown = set(self.methods) - set(METHODS)
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(sorted(unknown))}")
+        for setting in self.encodings:
+            Setting.parse(setting)  # raises ValueError naming a bad one

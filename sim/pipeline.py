@@ -8,13 +8,13 @@ stage, so that each can be read (and replaced) on its own.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sfprompt.cloud_server.rounds import RoundConfig
+from sfprompt.cloud_server.rounds import SAME_ENCODING, RoundConfig
 from sfprompt.export.bundle_writer import ExportResult, export_bundle
 from sfprompt.export.config import ExportConfig
 from sfprompt.export.split_vit import Cut
@@ -22,6 +22,7 @@ from sfprompt.export.split_vit import Cut
 from .comparison import SeedRun
 from .config import SimConfig
 from .device_memory import ModelSpec
+from .encodings import REFERENCE, EncodingRow, EncodingRun, Setting, sweep_settings
 from .results import SPLIT_METHODS, Features, MethodResult
 
 Progress = Callable[[str], None]
@@ -33,11 +34,12 @@ class SimOutcome:
     runs: list[SeedRun]  # every partition and seed at the first client count
     ceilings: list  # sim/ceilings.Ceiling
     report_dir: Path
+    encodings: list[EncodingRow] = field(default_factory=list)  # with --encodings
 
 
 def run_simulation(cfg: SimConfig, say: Progress = print) -> SimOutcome:
-    """Every method over `cfg.seeds` seeds in every partition, the ceilings, the clients sweep
-    (first partition and seed), then the report."""
+    """Every method over `cfg.seeds` seeds in every partition, the ceilings, the encodings sweep
+    (every partition and seed), the clients sweep (first partition and seed), then the report."""
     from . import baselines, comparison, datasets, partition, report
     from .run_baseline import run_baseline
     from .run_split import CostModel, method_settings, run_split_method
@@ -85,9 +87,25 @@ def run_simulation(cfg: SimConfig, say: Progress = print) -> SimOutcome:
     sweep: dict[int, list[MethodResult]] = {}
     features: list[Features] = []
     peaks: dict[str, float] = {}  # a torch device's peak RSS, measured once per method
+    encoding_runs: list[EncodingRun] = []
+    settings_swept = sweep_settings(cfg.encodings) if cfg.encodings else []
 
-    def run_methods(clients: int, spec: str, seed: int) -> list[MethodResult]:
-        """Every method on one partition of the training data, all from one seed."""
+    def run_split(  # noqa: ANN202
+        method: str, rounds: RoundConfig, shards: list[Path], test: Path, run_dir: Path
+    ):
+        """One split federation: (its bundle, its result)."""
+        bundle = bundles["linear" if method == "sfl_linear" else "prompt"]
+        result = run_split_method(
+            method, bundle.server_dir, bundle.device_dir, shards, test, rounds, cost, run_dir,
+            lambda done, acc: say(f"  {method} round {done}: accuracy {acc:.3f}"),
+        )  # fmt: skip
+        return bundle, result
+
+    def run_methods(
+        clients: int, spec: str, seed: int, sweep_encodings: bool = False
+    ) -> list[MethodResult]:
+        """Every method on one partition of the training data, all from one seed; with
+        `sweep_encodings`, SFPrompt in every setting of the encodings sweep too."""
         where = f"clients{clients}/{spec.replace(':', '')}/seed{seed}"
         parts = partition_for(spec, data.train_labels, clients, cfg.alpha, seed)
         shard_paths, test_path = partition.write_shards(data, parts, out / "data" / where)
@@ -97,19 +115,9 @@ def run_simulation(cfg: SimConfig, say: Progress = print) -> SimOutcome:
         for method in cfg.methods:
             say(f"[{clients} clients, {spec}, seed {seed}] {method}: {cfg.rounds} rounds")
             if method in SPLIT_METHODS and method != "sfl":
-                bundle = bundles["linear" if method == "sfl_linear" else "prompt"]
                 run_dir = out / "runs" / where / method
-                result = run_split_method(
-                    method,
-                    bundle.server_dir,
-                    bundle.device_dir,
-                    shard_paths,
-                    test_path,
-                    replace(method_settings(method, base), seed=seed),
-                    cost,
-                    run_dir,
-                    lambda done, acc, m=method: say(f"  {m} round {done}: accuracy {acc:.3f}"),
-                )
+                rounds = replace(method_settings(method, base), seed=seed)
+                bundle, result = run_split(method, rounds, shard_paths, test_path, run_dir)
                 if first and method in ("sfprompt", "sfl_linear"):
                     features.append(split_features(method, bundle, run_dir, data))
             else:
@@ -124,12 +132,22 @@ def run_simulation(cfg: SimConfig, say: Progress = print) -> SimOutcome:
                     features.append(feats)
             say(f"  {result.label}: final accuracy {result.final_accuracy:.3f}")
             results.append(result)
+        for setting in settings_swept if sweep_encodings else []:
+            done = next((r for r in results if r.method == "sfprompt"), None)
+            if setting.name != REFERENCE or done is None:  # fp32 is the comparison's own run
+                say(f"[{clients} clients, {spec}, seed {seed}] sfprompt in {setting.name}")
+                rounds = encoding_settings(replace(base, seed=seed), setting)
+                run_dir = out / "runs" / where / f"sfprompt_{setting.name.replace('/', '-')}"
+                done = run_split("sfprompt", rounds, shard_paths, test_path, run_dir)[1]
+                say(f"  {setting.name}: final accuracy {done.final_accuracy:.3f}")
+            encoding_runs.append(EncodingRun(setting.name, spec, seed, done))
         return results
 
     specs = [f"dirichlet:{cfg.alpha:g}" if p == "dirichlet" else p for p in cfg.partitions]
     for spec in specs:  # the comparison: every partition, every seed
         for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-            primary_run.append(SeedRun(spec, seed, run_methods(cfg.clients[0], spec, seed)))
+            results = run_methods(cfg.clients[0], spec, seed, sweep_encodings=True)
+            primary_run.append(SeedRun(spec, seed, results))
     sweep[cfg.clients[0]] = primary_run[0].results
     for clients in cfg.clients[1:]:  # the clients sweep: the first partition, the first seed
         sweep[clients] = run_methods(clients, specs[0], cfg.seed)
@@ -141,8 +159,38 @@ def run_simulation(cfg: SimConfig, say: Progress = print) -> SimOutcome:
         out / "report", primary, features, sweep if len(cfg.clients) > 1 else None, settings
     )
     folder = Path(written.files[0]).parent if written.files else out / "report"
-    comparison.write_comparison(folder, primary_run, ceilings, settings)
-    return SimOutcome(primary, primary_run, ceilings, folder)
+    rows, section = report_encodings(folder, encoding_runs, settings_swept, say)
+    comparison.write_comparison(folder, primary_run, ceilings, settings, section)
+    return SimOutcome(primary, primary_run, ceilings, folder, rows)
+
+
+def encoding_settings(rounds: RoundConfig, setting: Setting) -> RoundConfig:
+    """SFPrompt's round settings with activations up in `setting.up`, replies in `setting.down`
+    (left at "same" when they agree, as a user would run serve)."""
+    down = SAME_ENCODING if setting.down == setting.up else setting.down
+    return replace(rounds, encoding=setting.up, encoding_down=down)
+
+
+def report_encodings(
+    folder: Path, runs: list[EncodingRun], settings: list[Setting], say: Progress
+) -> tuple[list[EncodingRow], str]:
+    """The encodings table and its Markdown section (none without a sweep), with each
+    setting's bytes at ViT-Base scale, written as encodings.md / .json / .csv."""
+    from . import encodings
+    from .paper_scale import PaperScale, PaperScaleModel
+
+    if not runs:
+        return [], ""
+    scale = PaperScale()
+    say(f"counting bytes at the paper's scale: {scale.describe()}")
+    model = PaperScaleModel(scale)
+    vit_base = {}
+    for setting in settings:
+        counted = model.round_bytes(setting.up, setting.down)
+        vit_base[setting.name] = (float(counted.sfprompt.total), counted.vs_fl_full)
+    rows = encodings.encoding_rows(runs, vit_base)
+    encodings.write_encodings(folder, rows, runs, scale.describe())
+    return rows, encodings.markdown(rows, scale.describe())
 
 
 def partition_for(
@@ -207,7 +255,8 @@ def export_bundles(
     crop_pct 1.0: `load_sim_data` has already framed every image at the model's size, so the
     eval transform must not enlarge and crop it again (the pre-training saw whole images too).
     """
-    wanted = {"prompt": cfg.prompts} if any(m.startswith("sfprompt") for m in cfg.methods) else {}
+    prompted = cfg.encodings or any(m.startswith("sfprompt") for m in cfg.methods)
+    wanted = {"prompt": cfg.prompts} if prompted else {}
     if "sfl_linear" in cfg.methods or not wanted:
         wanted["linear"] = 0
     bundles = {}

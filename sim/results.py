@@ -89,6 +89,11 @@ class Features:
     labels: np.ndarray  # (N,) int64
 
 
+def partition_label(spec: str) -> str:
+    """A partition's name in a table: "iid" -> IID, "dirichlet:0.1" -> Dirichlet alpha=0.1."""
+    return "IID" if spec == "iid" else f"Dirichlet alpha={spec.split(':', 1)[1]}"
+
+
 def save_results(results: list[MethodResult], path: Path) -> None:
     path.write_text(json.dumps([r.to_dict() for r in results], indent=2))
 

@@ -156,6 +156,41 @@ def test_a_round_keeps_ceil_gamma_n_samples_in_batches_with_a_partial_last_one()
     assert rb.up == rb.up_split + rb.up_model and rb.total == rb.up + rb.down
 
 
+def data_bytes(payload: bytes) -> int:
+    """The tensor bytes of a safetensors payload: all but its length prefix and JSON header."""
+    return len(payload) - 8 - int.from_bytes(payload[:8], "little")
+
+
+def test_each_direction_counts_in_its_own_encoding() -> None:
+    """fp32 up, int8 down, one batch of 3 on the small shapes (h 21 x 24 per sample, z 1 x 24),
+    checked against the real messages and their tensor bytes worked out by hand."""
+    model = CommModel(small_manifest())
+    stamp = Stamp("dev-0", 1, 1)
+    up, down = model.split_batch(3, "fp32", stamp, encoding_down="int8")
+    assert up == model.split_batch(3, "fp32", stamp)[0]  # up as in plain fp32
+    assert down == model.split_batch(3, "int8", stamp)[1]  # down as in plain int8
+    env = dict(device_id="dev-0", round=1, step=1)
+    h, z = np.zeros((3, 21, DIM), np.float32), np.zeros((3, 1, DIM), np.float32)
+    ups = [encode(Smashed(h=h, **env)), encode(GradZ(grad_z=z, **env))]
+    downs = [
+        encode(BodyOut(z=z, encoding="int8", **env)),
+        encode(GradH(grad_h=h, encoding="int8", **env)),
+    ]
+    assert (up, down) == (sum(map(len, ups)), sum(map(len, downs)))
+    # by hand: fp32 is 4 bytes a value; int8 one byte a value plus a float32 scale per row
+    assert [data_bytes(p) for p in ups] == [3 * 21 * DIM * 4, 3 * 1 * DIM * 4]  # 6048, 288
+    assert [data_bytes(p) for p in downs] == [3 * DIM + 3 * 4, 3 * 21 * DIM + 3 * 21 * 4]
+    # a round: the split counters follow each direction's encoding, the rest is unchanged
+    settings = typical_settings(0.5, 8, "fp32")
+    mixed = model.sfprompt_round(37, settings, encoding_down="int8")
+    fp32 = model.sfprompt_round(37, settings)
+    int8 = model.sfprompt_round(37, typical_settings(0.5, 8, "int8"))
+    assert (mixed.up_split, mixed.down_split) == (fp32.up_split, int8.down_split)
+    assert mixed.down_model == fp32.down_model  # the TASK says fp32 either way
+    sfl = model.sfl_round(21, 8, "fp32", 1000, encoding_down="int8")
+    assert sfl.down_split == model.sfl_round(21, 8, "int8", 1000).down_split
+
+
 def test_sfl_split_bytes_are_the_simulators_own_count() -> None:
     """SFL's activations (no prompt tokens) per batch, summed, equal `sim.sfl.split_batch_bytes`
     on the same tensors (which numbers steps from 0 and never chunks)."""
@@ -225,8 +260,9 @@ class TaskObserver:
 @pytest.mark.slow
 def test_model_equals_the_bytes_a_real_federation_measures(small_export, tmp_path: Path) -> None:
     """Two devices of different sizes, gamma 0.5, batch 8 (partial last batches), int8
-    activations and a broker whose packet limit chunks every SMASHED and GRAD_H: per device,
-    each of the four byte counters in metrics.jsonl equals the model's, to the byte."""
+    activations up and fp16 down (--encoding-down), and a broker whose packet limit chunks every
+    SMASHED and GRAD_H: per device, each of the four byte counters in metrics.jsonl equals the
+    model's, to the byte."""
     from sfprompt.protocol.broker import EmbeddedBroker
     from tests.federation.harness import (
         finish,
@@ -247,7 +283,7 @@ def test_model_equals_the_bytes_a_real_federation_measures(small_export, tmp_pat
             "--test-data", str(tmp_path / "data" / "test.npz"), "--rounds", "1",
             "--min-devices", "2", "--round-timeout", "120", "--batch-size", "8",
             "--keep-ratio", "0.5", "--local-epochs", "1", "--encoding", "int8",
-            log=tmp_path / "server.log",
+            "--encoding-down", "fp16", log=tmp_path / "server.log",
         )  # fmt: skip
         devices = [
             start_fleet_device(
@@ -282,6 +318,6 @@ def test_model_equals_the_bytes_a_real_federation_measures(small_export, tmp_pat
         assert set(metrics) == set(UPDATE_METRICS) and set(memory) == set(UPDATE_MEMORY)
         settings = observer.tasks[(device_id, 1)]
         assert (settings.encoding, settings.batch_size) == ("int8", 8)
-        rb = model.sfprompt_round(local, settings, device_id, 1, metrics, memory, counts)
+        rb = model.sfprompt_round(local, settings, device_id, 1, metrics, memory, counts, "fp16")
         measured = {k: int(stats[k]) for k in RoundBytes(0, 0, 0, 0).metrics()}
         assert rb.metrics() == measured, device_id
