@@ -39,12 +39,14 @@ def default_cache() -> Path:
     return Path(base) / "sfprompt" / "bench"
 
 
-def cached_bundle(model: str, cache: Path, console: Console) -> tuple[Path, float | None]:
+def cached_bundle(
+    model: str, cache: Path, console: Console, head_weights: str = "fp32"
+) -> tuple[Path, float | None]:
     """The device bundle of `model` at K=1, M=0, P=10; exported only if the cache lacks it.
 
     Returns the folder and the export time in seconds (None when it came from the cache).
     """
-    out = cache / f"{model}_k1_m0_p10_c10"
+    out = cache / f"{model}_k1_m0_p10_c10" / head_weights
     try:
         load_manifest(out / "device", role="device")  # checks every file's sha256
         return out / "device", None
@@ -54,7 +56,13 @@ def cached_bundle(model: str, cache: Path, console: Console) -> tuple[Path, floa
     from sfprompt.export.config import ExportConfig
 
     cfg = ExportConfig(
-        model=model, num_classes=10, prompts=10, head_blocks=1, tail_blocks=0, out=out
+        model=model,
+        num_classes=10,
+        prompts=10,
+        head_blocks=1,
+        tail_blocks=0,
+        head_weights=head_weights,
+        out=out,
     )
     console.print(f"exporting {model} into {out}")
     start = time.perf_counter()

@@ -1,9 +1,10 @@
 """Which onnxruntime session options make the device step fast without giving back its memory.
 
 The device runtime builds lean sessions (no arena, no memory patterns, no pre-packed weights,
-head graphs in micro-batches of 4) and keeps the head forward's tape for its backward. For one bundle, each variant below runs N device steps in a
-fresh process (bench/device_process.py) and prints its median step time and peak RSS, beside
-PyTorch eager's in the same run: the ratios are what to read, not the absolute times.
+head graphs in micro-batches of 4) and keeps the head forward's tape for its backward. For one
+bundle, each variant below runs N device steps in a fresh process (bench/device_process.py)
+and prints its median step time and peak RSS, beside PyTorch eager's in the same run: the
+ratios are what to read, not the absolute times.
 
     python bench/bench_session_options.py [--model vit_base_patch16_224] [--batch 8] [--steps 6]
 """

@@ -55,9 +55,11 @@ def apply_variant(opts: object, variant: dict) -> None:
         import ctypes
 
         ctypes.CDLL("libc.so.6").mallopt(-3, int(variant["mmap_threshold"]))
-    if "shared_arena" in variant:  # one arena for every session, grown as asked (1) or doubled (0)
-        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, int(variant["shared_arena"]), -1, -1))
+    if "shared_arena" in variant:  # one arena for all sessions, grown as asked (1) or doubled (0)
+        kind, default = ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, ort.OrtMemType.DEFAULT
+        info = ort.OrtMemoryInfo("Cpu", kind, 0, default)
+        growth = int(variant["shared_arena"])
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, growth, -1, -1))
         opts.add_session_config_entry("session.use_env_allocators", "1")  # type: ignore[attr-defined]
     if variant.get("opt_level") == "basic":
         level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC

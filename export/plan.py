@@ -73,8 +73,9 @@ def cut_cost(vit: VisionTransformer, cut: Cut, batch: int) -> CutCost:
     blk = block_flops(tokens, dim, mlp_dim)
     head_fwd = embed_flops + cut.head_blocks * blk
     tail_fwd = cut.tail_blocks * blk + 2.0 * dim * vit.num_classes
-    # Head VJP recomputes its forward, then one backward (frozen weights); the tail trains.
-    backward = head_fwd + cut.head_blocks * blk + 2 * tail_fwd
+    # The head's backward reads its forward's tape (frozen weights: one forward's worth, the
+    # patch embedding needs none); the tail trains. --no-head-tape would add head_fwd.
+    backward = cut.head_blocks * blk + 2 * tail_fwd
 
     # What the wire carries of z (and of dL/dz back) is the bundle's tail input, as exported.
     tail_tokens = tail_input_for(vit, cut).count

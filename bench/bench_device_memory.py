@@ -1,0 +1,93 @@
+"""The device's peak RSS and step time by model and batch, fast and lean (issue 13's table).
+
+    fast  the defaults: fp32 head weights, the head forward's tape kept for its backward,
+          micro-batch 4
+    lean  `--head-weights fp16` at export, `--no-head-tape`, micro-batch 2: the least memory
+
+Each cell is one fresh process running local steps (`memory_budget.measure_step`, the
+measurement `--memory-budget` makes), onnx runtime, K=1 M=0 P=10. GFLOP/s is the step's
+analytic FLOP count (export/plan.py) over its median time: the figure docs/edge.md scales to a
+Raspberry Pi or a Jetson.
+
+    python bench/bench_device_memory.py [--models vit_tiny_patch16_224,vit_base_patch16_224]
+                                        [--batches 1,8,32] [--threads 2] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench_edge import cached_bundle, default_cache
+from rich.console import Console
+from rich.table import Table
+
+from sfprompt.edge_client.memory_budget import measure_step
+
+
+@dataclass(frozen=True)
+class Setting:
+    head_weights: str
+    keep_tape: bool
+    micro_batch: int
+
+
+SETTINGS = {
+    "fast": Setting("fp32", keep_tape=True, micro_batch=4),
+    "lean": Setting("fp16", keep_tape=False, micro_batch=2),
+}
+MODELS = "vit_tiny_patch16_224,vit_small_patch16_224,vit_base_patch16_224,vit_large_patch16_224"
+
+
+def step_gflop(model: str, batch: int, keep_tape: bool) -> float:
+    """Analytic FLOPs of one local step of the whole batch (recomputing adds a head forward)."""
+    from sfprompt.export.model_loading import create_vit  # torch: the parent only
+    from sfprompt.export.plan import cut_cost
+    from sfprompt.export.split_vit import Cut
+
+    cost = cut_cost(create_vit(model, 10), Cut(1, 0, 10), batch)
+    extra = 0.0 if keep_tape else cost.forward_flops  # the head's (the tail's share is tiny)
+    return batch * (cost.forward_flops + cost.backward_flops + extra) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=MODELS)
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--cache", type=Path, default=default_cache())
+    parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
+    args = parser.parse_args()
+    console = Console()
+    table = Table(title=f"device step, onnx runtime, K=1 M=0 P=10, {args.threads} threads")
+    for column in ("model", "B", "setting", "peak RSS (MB)", "step (ms)", "GFLOP/s"):
+        table.add_column(column, justify="left" if column in ("model", "setting") else "right")
+    rows = []
+    for model in args.models.split(","):
+        for batch in map(int, args.batches.split(",")):
+            for name in args.settings.split(","):
+                s = SETTINGS[name]
+                bundle, _ = cached_bundle(model, args.cache, console, s.head_weights)
+                m = measure_step(
+                    bundle, "onnx", batch, min(s.micro_batch, batch), args.threads,
+                    args.steps, keep_tape=s.keep_tape,
+                )  # fmt: skip
+                gflops = step_gflop(model, batch, s.keep_tape) / m.step_s
+                rows.append({"model": model, "batch": batch, "setting": name,
+                             "peak_rss_mb": m.peak_rss_mb, "step_s": m.step_s,
+                             "gflops": gflops})  # fmt: skip
+                table.add_row(model, str(batch), name, f"{m.peak_rss_mb:.0f}",
+                              f"{1000 * m.step_s:.0f}", f"{gflops:.0f}")  # fmt: skip
+    console.print(table)
+    if args.out is not None:
+        args.out.write_text(json.dumps(rows, indent=2))
+        console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
