@@ -1,8 +1,9 @@
 """The device's peak RSS and step time by model and batch, fast and lean (issue 13's table).
 
-    fast  the defaults: fp32 head weights, the head forward's tape kept for its backward,
-          micro-batch 4
-    lean  `--head-weights fp16` at export, `--no-head-tape`, micro-batch 2: the least memory
+    fast  the defaults: fp32 head weights, the head forward's tape kept for its backward, one
+          shared memory arena, micro-batch 4
+    lean  `--head-weights fp16` at export, `sfprompt-edge start --lean --micro-batch 2`: the
+          backward recomputes the forward, plain malloc; the least memory
 
 Each cell is one fresh process running local steps (`memory_budget.measure_step`, the
 measurement `--memory-budget` makes), onnx runtime, K=1 M=0 P=10. GFLOP/s is the step's
@@ -31,25 +32,25 @@ from sfprompt.edge_client.memory_budget import measure_step
 @dataclass(frozen=True)
 class Setting:
     head_weights: str
-    keep_tape: bool
+    lean: bool
     micro_batch: int
 
 
 SETTINGS = {
-    "fast": Setting("fp32", keep_tape=True, micro_batch=4),
-    "lean": Setting("fp16", keep_tape=False, micro_batch=2),
+    "fast": Setting("fp32", lean=False, micro_batch=4),
+    "lean": Setting("fp16", lean=True, micro_batch=2),
 }
 MODELS = "vit_tiny_patch16_224,vit_small_patch16_224,vit_base_patch16_224,vit_large_patch16_224"
 
 
-def step_gflop(model: str, batch: int, keep_tape: bool) -> float:
+def step_gflop(model: str, batch: int, lean: bool) -> float:
     """Analytic FLOPs of one local step of the whole batch (recomputing adds a head forward)."""
     from sfprompt.export.model_loading import create_vit  # torch: the parent only
     from sfprompt.export.plan import cut_cost
     from sfprompt.export.split_vit import Cut
 
     cost = cut_cost(create_vit(model, 10), Cut(1, 0, 10), batch)
-    extra = 0.0 if keep_tape else cost.forward_flops  # the head's (the tail's share is tiny)
+    extra = cost.forward_flops if lean else 0.0  # the head's (the tail's share is tiny)
     return batch * (cost.forward_flops + cost.backward_flops + extra) / 1e9
 
 
@@ -75,9 +76,9 @@ def main() -> None:
                 bundle, _ = cached_bundle(model, args.cache, console, s.head_weights)
                 m = measure_step(
                     bundle, "onnx", batch, min(s.micro_batch, batch), args.threads,
-                    args.steps, keep_tape=s.keep_tape,
+                    args.steps, lean=s.lean,
                 )  # fmt: skip
-                gflops = step_gflop(model, batch, s.keep_tape) / m.step_s
+                gflops = step_gflop(model, batch, s.lean) / m.step_s
                 rows.append({"model": model, "batch": batch, "setting": name,
                              "peak_rss_mb": m.peak_rss_mb, "step_s": m.step_s,
                              "gflops": gflops})  # fmt: skip

@@ -1,10 +1,11 @@
 """Which onnxruntime session options make the device step fast without giving back its memory.
 
-The device runtime builds lean sessions (no arena, no memory patterns, no pre-packed weights,
-head graphs in micro-batches of 4) and keeps the head forward's tape for its backward. For one
-bundle, each variant below runs N device steps in a fresh process (bench/device_process.py)
-and prints its median step time and peak RSS, beside PyTorch eager's in the same run: the
-ratios are what to read, not the absolute times.
+The device runtime keeps the head forward's tape for its backward, allocates from one arena
+shared by its sessions, pre-packs weights and runs the head in micro-batches of 4; `--lean`
+recomputes instead and uses plain malloc. For one bundle, each variant below changes one of
+those choices and runs N device steps in a fresh process (bench/device_process.py); it prints
+the median step time and peak RSS beside PyTorch eager's in the same run: the ratios are what
+to read, not the absolute times.
 
     python bench/bench_session_options.py [--model vit_base_patch16_224] [--batch 8] [--steps 6]
 """
@@ -27,20 +28,15 @@ from sfprompt.export.config import ExportConfig
 
 HERE = Path(__file__).parent
 VARIANTS: dict[str, dict] = {
-    "recompute the head forward (--no-head-tape)": {"tape": False},
-    "lean (the runtime's defaults)": {},
+    "defaults: tape, one shared arena, pre-packed": {},
+    "--lean: recompute, malloc, not pre-packed": {"lean": True},
+    "recompute the head forward (no tape)": {"tape": False},
+    "malloc instead of the arena": {"arena": False},
+    "an arena per session (onnxruntime's default)": {"arena": "per-session"},
+    "weights not pre-packed": {"prepacking": False},
     "whole batch (no micro-batches)": {"micro_batch": None},
-    "pre-packed weights": {"prepacking": True},
-    "arena": {"arena": True},
-    "pre-packed weights + arena": {"prepacking": True, "arena": True},
-    "whole batch, pre-packed + arena": {"micro_batch": None, "prepacking": True, "arena": True},
-    "one shared arena, grown as asked": {"shared_arena": 1},
-    "one shared arena, grown as asked, pre-packed": {"shared_arena": 1, "prepacking": True},
-    "one shared arena, doubling": {"shared_arena": 0},
     "memory patterns": {"mem_pattern": True},
-    "all four": {"micro_batch": None, "prepacking": True, "arena": True, "mem_pattern": True},
     "basic graph optimisation": {"opt_level": "basic"},
-    "glibc mmap threshold 32 MB": {"mmap_threshold": 32 << 20},
 }
 
 

@@ -28,8 +28,8 @@ def onnx_steps(bundle: str, batch: int, steps: int, threads: int) -> list[float]
 
     variant = json.loads(os.environ.get("SFPROMPT_BENCH_ORT", "{}"))  # bench_session_options
     micro_batch = variant.get("micro_batch", 4)
-    rt = OnnxDeviceRuntime(bundle, threads, micro_batch, keep_tape=variant.get("tape", True))
-    apply_variant(rt._options, variant)
+    rt = OnnxDeviceRuntime(bundle, threads, micro_batch, lean=variant.get("lean", False))
+    apply_variant(rt, variant, threads)
     params = rt.initial_parameters()
     images, labels = synthetic_batch(rt, batch)
     weight = np.ones(batch, np.float32)
@@ -41,29 +41,30 @@ def onnx_steps(bundle: str, batch: int, steps: int, threads: int) -> list[float]
     return times
 
 
-def apply_variant(opts: object, variant: dict) -> None:
-    """Session options a benchmark varies (the runtime's defaults trade speed for memory)."""
+def apply_variant(rt: object, variant: dict, threads: int) -> None:
+    """Change one choice of the runtime's (before any session opens): what the bench varies."""
     import onnxruntime as ort
 
-    if variant.get("prepacking"):
-        opts.add_session_config_entry("session.disable_prepacking", "0")  # type: ignore[attr-defined]
-    if "arena" in variant:
-        opts.enable_cpu_mem_arena = bool(variant["arena"])  # type: ignore[attr-defined]
+    from sfprompt.edge_client.onnx_runtime import session_options
+
+    if "arena" in variant:  # False: plain malloc; "per-session": onnxruntime's own default
+        rt._options = session_options(threads, arena=variant["arena"] is True)  # type: ignore[attr-defined]
+        rt._options.enable_cpu_mem_arena = variant["arena"] == "per-session"  # type: ignore[attr-defined]
+    opts = rt._options  # type: ignore[attr-defined]
+    if "tape" in variant:
+        rt.keeps_tape = rt.keeps_tape and variant["tape"]  # type: ignore[attr-defined]
+    if "prepacking" in variant:
+        opts.add_session_config_entry(
+            "session.disable_prepacking", str(int(not variant["prepacking"]))
+        )
     if "mem_pattern" in variant:
-        opts.enable_mem_pattern = bool(variant["mem_pattern"])  # type: ignore[attr-defined]
+        opts.enable_mem_pattern = bool(variant["mem_pattern"])
     if "mmap_threshold" in variant:  # glibc: blocks over it are mmapped and unmapped on free
         import ctypes
 
         ctypes.CDLL("libc.so.6").mallopt(-3, int(variant["mmap_threshold"]))
-    if "shared_arena" in variant:  # one arena for all sessions, grown as asked (1) or doubled (0)
-        kind, default = ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, ort.OrtMemType.DEFAULT
-        info = ort.OrtMemoryInfo("Cpu", kind, 0, default)
-        growth = int(variant["shared_arena"])
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, growth, -1, -1))
-        opts.add_session_config_entry("session.use_env_allocators", "1")  # type: ignore[attr-defined]
     if variant.get("opt_level") == "basic":
-        level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        opts.graph_optimization_level = level  # type: ignore[attr-defined]
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
 
 
 def torch_steps(bundle: str, batch: int, steps: int, threads: int) -> list[float]:

@@ -60,7 +60,7 @@ class EdgeDevice:
         self.cfg = cfg
         self.stop = stop or threading.Event()
         self.runtime: DeviceRuntime = open_runtime(
-            cfg.bundle, cfg.runtime, cfg.threads, self._micro_batch(), cfg.head_tape
+            cfg.bundle, cfg.runtime, cfg.threads, self._micro_batch(), cfg.lean
         )
         self.manifest = self.runtime.manifest
         images = load_image_set(cfg.data, split=cfg.data_split, on_skip=log.warning)
@@ -85,7 +85,7 @@ class EdgeDevice:
             32,
             self.cfg.memory_budget_mb,
             self.cfg.threads,
-            self.cfg.head_tape,
+            self.cfg.lean,
         )
         log.info("memory budget %.0f MB: micro-batch %s", self.cfg.memory_budget_mb, choice)
         return int(choice.micro_batch)

@@ -77,7 +77,7 @@ def measure_step(
     threads: int | None = None,
     steps: int = 2,
     timeout_s: float = 600,
-    keep_tape: bool = True,
+    lean: bool = False,
 ) -> StepMeasurement:
     """Run `steps` local steps in a fresh process and return its peak RSS and step time.
 
@@ -95,7 +95,7 @@ def measure_step(
         str(micro_batch),
         str(threads or 0),
         str(steps),
-        str(int(keep_tape)),
+        str(int(lean)),
     ]
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=timeout_s, cwd=child_cwd()
@@ -133,7 +133,7 @@ def choose_micro_batch(
     batch: int,
     budget_mb: float,
     threads: int | None = None,
-    keep_tape: bool = True,
+    lean: bool = False,
 ) -> MicroBatchChoice:
     """The largest candidate micro-batch whose local step peaks within `budget_mb` of RSS.
 
@@ -155,7 +155,7 @@ def choose_micro_batch(
     def fits(micro_batch: int) -> bool:
         try:
             peak = measure_step(
-                bundle, runtime_kind, batch, micro_batch, threads, keep_tape=keep_tape
+                bundle, runtime_kind, batch, micro_batch, threads, lean=lean
             ).peak_rss_mb
         except ChildProcessError as exc:
             if not _killed(exc):
@@ -187,7 +187,7 @@ def peak_rss_mb() -> float | None:
 
 
 def _child(
-    bundle: str, kind: str, batch: int, micro_batch: int, threads: int, steps: int, tape: int
+    bundle: str, kind: str, batch: int, micro_batch: int, threads: int, steps: int, lean: int
 ) -> dict:
     import numpy as np
     import psutil
@@ -200,7 +200,7 @@ def _child(
     sampler = MemoryProfiler(interval_s=0.002) if peak_rss_mb() is None else None
     times = []
     with sampler or contextlib.nullcontext():
-        runtime = open_runtime(bundle, kind, threads or None, micro_batch, bool(tape))
+        runtime = open_runtime(bundle, kind, threads or None, micro_batch, bool(lean))
         opened_mb = psutil.Process().memory_info().rss / MIB
         params = runtime.initial_parameters()
         images, labels = synthetic_batch(runtime, batch)

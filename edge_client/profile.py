@@ -20,7 +20,7 @@ import numpy as np
 from sfprompt.options import internal, opt
 
 from .config import (
-    head_tape_field,
+    lean_field,
     memory_budget_field,
     micro_batch_field,
     runtime_field,
@@ -47,7 +47,7 @@ class ProfileConfig:
     steps: int = field(default=5, metadata=opt("Training steps to run."))
     threads: int | None = threads_field()
     micro_batch: int | None = micro_batch_field()  # ignored when a memory budget chooses it
-    head_tape: bool = head_tape_field()
+    lean: bool = lean_field()
     lr: float = field(default=1e-4, metadata=internal())
     out: Path | None = field(
         default=None,
@@ -91,12 +91,12 @@ def run_profile(cfg: ProfileConfig) -> ProfileResult:
     micro_batch, choice = cfg.micro_batch, None
     if cfg.memory_budget_mb is not None:
         choice = choose_micro_batch(
-            cfg.bundle, cfg.runtime, cfg.batch, cfg.memory_budget_mb, cfg.threads, cfg.head_tape
+            cfg.bundle, cfg.runtime, cfg.batch, cfg.memory_budget_mb, cfg.threads, cfg.lean
         )
         micro_batch = choice.micro_batch
     with MemoryProfiler() as profiler:
         with profiler.phase("load"):
-            runtime = open_runtime(cfg.bundle, cfg.runtime, cfg.threads, micro_batch, cfg.head_tape)
+            runtime = open_runtime(cfg.bundle, cfg.runtime, cfg.threads, micro_batch, cfg.lean)
             params = runtime.initial_parameters()
             images, labels = synthetic_batch(runtime, cfg.batch)
             weight = np.ones(cfg.batch, dtype=np.float32)

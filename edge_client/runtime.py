@@ -49,14 +49,14 @@ def open_runtime(
     kind: str = "onnx",
     threads: int | None = None,
     micro_batch: int | None = 4,
-    keep_tape: bool = True,
+    lean: bool = False,
 ) -> DeviceRuntime:
     """Open a device bundle with the named runtime; raises ValueError for an unknown name.
 
-    `keep_tape` (onnx only) keeps the head's activations between forward and backward.
+    `lean` (onnx only): least memory rather than most speed (see `OnnxDeviceRuntime`).
     """
     if kind == "onnx":
-        return OnnxDeviceRuntime(bundle, threads, micro_batch, keep_tape)
+        return OnnxDeviceRuntime(bundle, threads, micro_batch, lean)
     if kind == "torchscript":
         from .torchscript_runtime import TorchScriptDeviceRuntime  # imports torch
 
