@@ -14,6 +14,7 @@ two calls: about 7.8 MB per sample for one ViT-Base block at 10 prompts.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,48 @@ def evaluate_size(expr: sympy.Expr, batch: sympy.Symbol, value: int | torch.SymI
             term = term * value  # type: ignore[operator]
         result = result + term  # type: ignore[operator]
     return result
+
+
+class RowGroups(nn.Module):
+    """A per-token `fn` applied to each group of rows (tokens) on its own, every group but
+    `differentiated` detached: the same values, and a backward through `fn` for that group's
+    rows alone. Exact for the gradient of whatever only that group depends on."""
+
+    def __init__(self, fn: nn.Module, bounds: tuple[int, int], differentiated: int) -> None:
+        super().__init__()
+        self.fn = fn
+        self.bounds = bounds  # row indices where the second and the third group start
+        self.differentiated = differentiated
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        edges = (0, *self.bounds, x.shape[1])
+        parts = [
+            self.fn(x[:, a:b] if i == self.differentiated else x[:, a:b].detach())
+            for i, (a, b) in enumerate(zip(edges, edges[1:]))
+            if b > a
+        ]
+        return torch.cat(parts, dim=1)
+
+
+def prompt_rows_only(head: PromptedHead, prompts: int) -> PromptedHead:
+    """A copy of `head` whose first block runs norm1 + qkv for prefix, prompt and patch rows
+    apart, differentiating the prompt rows only. Only those rows of that block's input depend
+    on the prompt (the others come from the image and frozen weights), so the gradient of the
+    prompt is unchanged and the backward skips the largest product it would waste: dL/dx of
+    every other row through qkv (~20% of the backward at one ViT-Base block). For the prompt's
+    gradient only: nothing else is differentiated on a device. Left as it is when the block is
+    not timm's plain `Block` with an `Attention` that reads its input through `qkv` alone."""
+    from timm.models.vision_transformer import Attention, Block
+
+    block = head.blocks[0] if len(head.blocks) else None
+    if prompts < 1 or type(block) is not Block or type(block.attn) is not Attention:
+        return head
+    rows = copy.deepcopy(head)
+    first = rows.blocks[0]
+    bounds = (rows.num_prefix, rows.num_prefix + prompts)
+    first.attn.qkv = RowGroups(nn.Sequential(first.norm1, first.attn.qkv), bounds, 1)
+    first.norm1 = nn.Identity()
+    return rows
 
 
 def partition_head(head: PromptedHead, image: torch.Tensor, prompt: torch.Tensor) -> HeadPartition:
@@ -232,7 +275,7 @@ def export_head_tape(
 
     `image` is an example batch (size >= 2 and equal to no other dimension of the model).
     """
-    part = partition_head(head, image, prompt)
+    part = partition_head(prompt_rows_only(head, prompt.shape[0]), image, prompt)
     forward, backward = TapeForward(part).eval(), TapeBackward(part).eval()
     with torch.no_grad():
         h, *tape = forward(image, prompt)
