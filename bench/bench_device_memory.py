@@ -1,7 +1,7 @@
 """The device's peak RSS and step time by model and batch, fast and lean (issue 13's table).
 
     fast  the defaults: fp32 head weights, the head forward's tape kept for its backward, one
-          shared memory arena, micro-batch 4
+          shared memory arena, micro-batch 4 (and the same with `--head-weights fp16`)
     lean  `--head-weights fp16` at export, `sfprompt-edge start --lean --micro-batch 2`: the
           backward recomputes the forward, plain malloc; the least memory
 
@@ -38,6 +38,7 @@ class Setting:
 
 SETTINGS = {
     "fast": Setting("fp32", lean=False, micro_batch=4),
+    "fast-fp16": Setting("fp16", lean=False, micro_batch=4),
     "lean": Setting("fp16", lean=True, micro_batch=2),
 }
 MODELS = "vit_tiny_patch16_224,vit_small_patch16_224,vit_base_patch16_224,vit_large_patch16_224"
@@ -58,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=MODELS)
     parser.add_argument("--batches", default="1,8,32")
-    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names")
     parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--cache", type=Path, default=default_cache())

@@ -22,7 +22,7 @@ from sfprompt.export.split_vit import Cut
 from .comparison import SeedRun
 from .config import SimConfig
 from .device_memory import ModelSpec
-from .encodings import REFERENCE, EncodingRow, EncodingRun, Setting, sweep_settings
+from .encodings import EncodingRow, EncodingRun, Setting, sweep_settings
 from .results import SPLIT_METHODS, Features, MethodResult
 
 Progress = Callable[[str], None]
@@ -132,9 +132,10 @@ def run_simulation(cfg: SimConfig, say: Progress = print) -> SimOutcome:
                     features.append(feats)
             say(f"  {result.label}: final accuracy {result.final_accuracy:.3f}")
             results.append(result)
+        main = Setting(base.encoding, base.down_encoding)  # how the comparison's sfprompt ran
         for setting in settings_swept if sweep_encodings else []:
             done = next((r for r in results if r.method == "sfprompt"), None)
-            if setting.name != REFERENCE or done is None:  # fp32 is the comparison's own run
+            if setting != main or done is None:  # the comparison's run serves its own setting
                 say(f"[{clients} clients, {spec}, seed {seed}] sfprompt in {setting.name}")
                 rounds = encoding_settings(replace(base, seed=seed), setting)
                 run_dir = out / "runs" / where / f"sfprompt_{setting.name.replace('/', '-')}"
