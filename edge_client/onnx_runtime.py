@@ -111,9 +111,15 @@ class OnnxDeviceRuntime(BundleRuntime):
         return self._session(name).run(None, feeds)
 
     def head_forward(self, image: np.ndarray, prompt: np.ndarray) -> np.ndarray:
-        """(B, 3, H, W) images and the (P, D) prompt -> h, (B, T, D)."""
+        """(B, 3, H, W) images and the (P, D) prompt -> h, (B, T, D).
+
+        Where the tape graphs train, their forward serves here too (its tape dropped): a third
+        session would hold the head's weights a third time (31 MB at ViT-Base) for the
+        scoring and evaluation passes, which cost a little more this way.
+        """
+        graph = "head_tape_forward" if self.keeps_tape else "head_forward"
         parts = [
-            self._run("head_forward", {"image": image[c], "prompt": prompt})[0]
+            self._run(graph, {"image": image[c], "prompt": prompt})[0]
             for c in self._chunks(len(image))
         ]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
