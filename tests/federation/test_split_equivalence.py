@@ -61,6 +61,7 @@ def test_one_split_step_equals_pytorch_training_of_the_whole_model(small_export,
             "--bundle", str(small_export.server_dir), "--broker", broker.url, "--out", str(out),
             "--rounds", "1", "--keep-ratio", "1", "--local-epochs", "0",
             "--batch-size", str(SAMPLES), "--split-lr", str(LR), "--server-lr", "1",
+            "--encoding", "fp32",  # exact activations: the default fp16 rounds them
             log=tmp_path / "server.log",
         )  # fmt: skip
         device = start_device(
