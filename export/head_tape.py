@@ -198,10 +198,10 @@ def _connect(
         value = node.meta["val"]
         if node.op == "placeholder" and roles[index[node.name]] == "constant":
             saved[node.name] = Saved("constant", constant=index[node.name])
-        elif isinstance(value, torch.SymInt) or node.op == "placeholder":
-            if not isinstance(value, torch.SymInt):
-                raise PartitionError(f"the backward needs the forward's input {node.name}")
+        elif isinstance(value, torch.SymInt):
             saved[node.name] = Saved("size", size=_symbol(value))
+        elif node.op == "placeholder":  # the image or the prompt itself
+            raise PartitionError(f"the backward needs the forward's input {node.name}")
         else:
             saved[node.name] = Saved(
                 "tape", rows_per_sample=_rows_per_sample(value.shape, batch, node.name)

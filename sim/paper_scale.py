@@ -12,7 +12,8 @@ hashes agree) and takes seconds instead of an ONNX export.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+
+from sfprompt.export.config import ExportConfig
 
 from .comm_model import (
     CommModel,
@@ -24,17 +25,17 @@ from .comm_model import (
 )
 
 
+def paper_cut() -> ExportConfig:
+    """ViT-Base, K = 1, M = 0, 10 prompts, 10 classes, batch 128: the paper's setting."""
+    return ExportConfig(model="vit_base_patch16_224", num_classes=10, batch=128)
+
+
 @dataclass(frozen=True)
 class PaperScale:
-    """The model, cut and federation the ratio is counted for (defaults: the paper's)."""
+    """The model and cut (as the exporter takes them) and the federation the ratio is counted
+    for (defaults: the paper's)."""
 
-    model: str = "vit_base_patch16_224"
-    model_args: dict[str, Any] = field(default_factory=dict)
-    num_classes: int = 10
-    prompts: int = 10
-    head_blocks: int = 1
-    tail_blocks: int = 0
-    batch: int = 128
+    cut: ExportConfig = field(default_factory=paper_cut)
     images: int = 50_000
     clients: int = 100
     keep_ratio: float = 0.5
@@ -45,9 +46,10 @@ class PaperScale:
         return self.images // self.clients
 
     def describe(self) -> str:
+        c = self.cut
         return (
-            f"{self.model}, K={self.head_blocks} M={self.tail_blocks} P={self.prompts}, batch "
-            f"{self.batch}, {self.images:,} images over {self.clients} devices "
+            f"{c.model}, K={c.head_blocks} M={c.tail_blocks} P={c.prompts}, batch "
+            f"{c.batch}, {self.images:,} images over {self.clients} devices "
             f"({self.samples:,} each), gamma {self.keep_ratio:g}"
         )
 
@@ -70,18 +72,8 @@ class PaperScaleModel:
     def __init__(self, scale: PaperScale = PaperScale()) -> None:
         from sfprompt.cloud_server.body_model import ServerModel
         from sfprompt.cloud_server.config import BodyConfig
-        from sfprompt.export.config import ExportConfig
 
-        export = ExportConfig(
-            model=scale.model,
-            num_classes=scale.num_classes,
-            model_args=dict(scale.model_args),
-            prompts=scale.prompts,
-            head_blocks=scale.head_blocks,
-            tail_blocks=scale.tail_blocks,
-            batch=scale.batch,
-        )
-        server = ServerModel.from_timm(export, BodyConfig(device="cpu"))
+        server = ServerModel.from_timm(scale.cut, BodyConfig(device="cpu"))
         self.scale = scale
         self.comm = CommModel(server.manifest)
         self.fl_weights = fl_full_weights_bytes(server.split.vit)
@@ -89,6 +81,6 @@ class PaperScaleModel:
     def round_bytes(self, encoding: str, encoding_down: str | None = None) -> ScaleBytes:
         """Activations up in `encoding`, down in `encoding_down` (None: the same)."""
         s = self.scale
-        settings = typical_settings(s.keep_ratio, s.batch, encoding)
+        settings = typical_settings(s.keep_ratio, s.cut.batch, encoding)
         sfprompt = self.comm.sfprompt_round(s.samples, settings, encoding_down=encoding_down)
         return ScaleBytes(sfprompt, fl_round(self.fl_weights))

@@ -89,6 +89,7 @@ def run_simulation(cfg: SimConfig, say: Progress = print) -> SimOutcome:
     peaks: dict[str, float] = {}  # a torch device's peak RSS, measured once per method
     encoding_runs: list[EncodingRun] = []
     settings_swept = sweep_settings(cfg.encodings) if cfg.encodings else []
+    main = Setting(base.encoding, base.down_encoding)  # how the comparison's sfprompt runs
 
     def run_split(  # noqa: ANN202
         method: str, rounds: RoundConfig, shards: list[Path], test: Path, run_dir: Path
@@ -132,7 +133,6 @@ def run_simulation(cfg: SimConfig, say: Progress = print) -> SimOutcome:
                     features.append(feats)
             say(f"  {result.label}: final accuracy {result.final_accuracy:.3f}")
             results.append(result)
-        main = Setting(base.encoding, base.down_encoding)  # how the comparison's sfprompt ran
         for setting in settings_swept if sweep_encodings else []:
             done = next((r for r in results if r.method == "sfprompt"), None)
             if setting != main or done is None:  # the comparison's run serves its own setting

@@ -140,9 +140,13 @@ def test_a_setting_reaches_serve_as_its_options() -> None:
 
 def test_scale_bytes_follow_each_direction() -> None:
     """On a small ViT (the paper's is counted the same way): each direction in its encoding."""
+    from sfprompt.export.config import ExportConfig
     from sfprompt.sim.paper_scale import PaperScale, PaperScaleModel
 
-    scale = PaperScale("vit_tiny_patch16_224", dict(SMALL_VIT), 10, 4, batch=8, images=200)
+    cut = ExportConfig(
+        model="vit_tiny_patch16_224", model_args=dict(SMALL_VIT), num_classes=10, prompts=4, batch=8
+    )
+    scale = PaperScale(cut, images=200)
     assert scale.samples == 2 and "200 images over 100 devices" in scale.describe()
     model = PaperScaleModel(replace(scale, clients=4))
     fp32, int8 = model.round_bytes("fp32"), model.round_bytes("int8")
