@@ -40,6 +40,7 @@ SETTINGS = {
     "fast": Setting("fp32", lean=False, micro_batch=4),
     "fast-fp16": Setting("fp16", lean=False, micro_batch=4),
     "lean": Setting("fp16", lean=True, micro_batch=2),
+    "lean-mb1": Setting("fp16", lean=True, micro_batch=1),
 }
 MODELS = "vit_tiny_patch16_224,vit_small_patch16_224,vit_base_patch16_224,vit_large_patch16_224"
 

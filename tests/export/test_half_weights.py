@@ -65,6 +65,25 @@ def test_the_runtime_keeps_the_weights_fp16_in_memory(half_bundle, tmp_path) -> 
     assert onnx.TensorProto.FLOAT16 in kinds, "onnxruntime folded the fp16 weights to fp32"
 
 
+def test_each_weight_is_cast_per_use_and_only_once_its_activation_exists(half_bundle) -> None:
+    """A cast that reads initializers alone could run at the start of every call, and all the
+    float32 copies would then live together: each must depend on a graph input."""
+    _, out = half_bundle
+    for name in HEAD_GRAPHS:
+        graph = onnx.load(str(out / f"{name}.onnx")).graph
+        from_inputs = {i.name for i in graph.input}
+        halves = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
+        casts, uses = 0, 0
+        for node in graph.node:  # topological: a value's ancestry is known before its use
+            if from_inputs.intersection(node.input):
+                from_inputs.update(node.output)
+            uses += sum(n in halves for n in node.input)
+            if node.op_type == "Cast" and node.output[0].endswith(".fp32"):
+                casts += 1
+                assert node.output[0] in from_inputs, f"{name}: {node.output[0]} runs ungated"
+        assert casts == uses > 0, name
+
+
 def test_gradients_equal_autograd_through_the_rounded_head(half_bundle) -> None:
     """Exact (1e-4) against the head whose weights are rounded the same way; within the
     stated 1e-2 of the fp32 head, and measurably different from it (the rounding is there)."""
