@@ -11,6 +11,8 @@ What it writes under the output folder:
     certs/server.crt, .key  the broker's certificate, for the given host names and IPs
     clients/<id>/           per user (each device, the server, and with dynsec the admin):
                             ca.crt, client.crt, client.key, password -- copy it to that machine
+    bridge/                 (--bridge-to: a site broker) the central broker's CA, the bridge's
+                            certificate and key, for the `connection` block (`broker_bridge`)
 
 Each device may publish only under its own up-tree and presence, and read only its own down-tree
 and the server status; the server may use everything (`broker_access`).
@@ -30,7 +32,8 @@ any certificate the CA signed passes the TLS handshake and the password alone na
 Body workers (`workers`) get users of their own (`server-worker-<i>`): one user is one client id.
 
 Who owns what (which account the broker runs as, and the files it must own) is
-`broker_account`'s.
+`broker_account`'s. Beyond one broker (`--site` on a central one, `--bridge-to` on a site
+broker in front of it): `broker_bridge`.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from sfprompt.protocol.messages import check_device_id
 from sfprompt.protocol.topics import Topics
 
 from . import broker_access as access
+from . import broker_bridge as bridge
 from .broker_account import (
     BrokerAccount,
     broker_account,
@@ -52,6 +56,7 @@ from .broker_account import (
     chown_command,
     hand_over,
 )
+from .broker_bridge import BridgeOptions
 from .broker_certs import load_ca, write_certificates, write_client
 
 
@@ -123,6 +128,7 @@ class BrokerConfigOptions:
     # "certificate" or "password": who a client is (module docstring)
     identity: str = field(default="certificate", metadata=internal())
     workers: int = field(default=0, metadata=opt("Users SERVER-USER-worker-I for body workers."))
+    bridging: BridgeOptions = field(default_factory=BridgeOptions)  # --site, --bridge-to
 
 
 IDENTITIES = ("certificate", "password")
@@ -141,7 +147,7 @@ def write_broker_config(options: BrokerConfigOptions, use_tool: bool = True) -> 
     existing non-empty folder, a dynamic-security plugin that cannot be found, or a broker
     account that could not use the files (see `broker_account`). `use_tool`: hash passwords
     for the password file with `mosquitto_passwd` where installed."""
-    users = _check_users(options)
+    users, sites = _check_users(options)
     plugin = _plugin_path(options)
     out = options.out
     if out.exists() and any(out.iterdir()):
@@ -154,13 +160,18 @@ def write_broker_config(options: BrokerConfigOptions, use_tool: bool = True) -> 
     passwords = write_certificates(out, users, options.days, options.hostnames)
     servers = [options.server_user, *access.worker_users(options.server_user, options.workers)]
     if plugin is not None:
-        written, access_lines = _write_dynsec(options, home, plugin, passwords, servers)
+        written, access_lines = _write_dynsec(options, home, plugin, passwords, servers, sites)
     else:
-        written, access_lines = _write_password_and_acl(options, home, passwords, servers, use_tool)
+        written, access_lines = _write_password_and_acl(
+            options, home, passwords, servers, sites, use_tool
+        )
     config_path = out / "mosquitto.conf"
-    config_path.write_text(_config_text(options, home, account, access_lines))
+    text = _config_text(options, home, account, access_lines)
+    config_path.write_text("\n".join([text, *_bridge_lines(options, home, account)]))
     if account.uid is not None:
         hand_over(out, account, options.access)
+    if options.bridging.bridge_to:
+        bridge.hand_over_bridge(out, account)
     client_dirs = {user: out / "clients" / user for user in users}
     return BrokerConfigFiles(config_path, written, out / "certs" / "ca.crt", client_dirs)
 
@@ -185,11 +196,14 @@ def _write_dynsec(
     plugin: Path,
     passwords: dict[str, str],
     servers: list[str],
+    sites: bridge.Sites,
 ) -> tuple[tuple[Path, ...], list[str]]:
     """dynamic-security.json, and the mosquitto.conf lines that load it."""
     path = options.out / "dynamic-security.json"
     devices = list(options.devices)
-    config = access.dynsec_config(options.topics, servers, devices, passwords)
+    local = {user: pw for user, pw in passwords.items() if user not in sites}
+    config = access.dynsec_config(options.topics, servers, devices, local)
+    bridge.add_dynsec_sites(config, options.topics, sites, passwords)
     access.write_dynsec_config(path, config)
     return (path,), [f"plugin {plugin}", f"plugin_opt_config_file {home / path.name}"]
 
@@ -199,19 +213,23 @@ def _write_password_and_acl(
     home: Path,
     passwords: dict[str, str],
     servers: list[str],
+    sites: bridge.Sites,
     use_tool: bool,
 ) -> tuple[tuple[Path, ...], list[str]]:
     """passwd and acl, and the mosquitto.conf lines that name them."""
     passwd, acl = options.out / "passwd", options.out / "acl"
     access.write_password_file(passwd, passwords, use_tool)
     access.write_acl_file(acl, options.topics, servers)
+    if sites:
+        with acl.open("a") as handle:  # keeps its mode, 0600
+            handle.write(bridge.site_acl_text(options.topics, sites))
     return (passwd, acl), [f"password_file {home / 'passwd'}", f"acl_file {home / 'acl'}"]
 
 
-def _check_users(options: BrokerConfigOptions) -> list[str]:
-    """Server and its workers first, then the devices, then (dynsec) the admin."""
-    if not options.devices:
-        raise ValueError("give at least one device id (--devices ID...)")
+def _check_users(options: BrokerConfigOptions) -> tuple[list[str], bridge.Sites]:
+    """Server and its workers first, then the devices, the sites, (dynsec) the admin."""
+    if not options.devices and not options.bridging.sites:
+        raise ValueError("give at least one device id (--devices ID...) or --site NAME=ID,...")
     if options.access not in access.ACCESS_MODES:
         raise ValueError(f"access must be one of {access.ACCESS_MODES}, not {options.access!r}")
     if options.identity not in IDENTITIES:
@@ -233,7 +251,9 @@ def _check_users(options: BrokerConfigOptions) -> list[str]:
             )
     if len(set(devices)) != len(devices):
         raise ValueError("device ids must be distinct")
-    return [options.server_user, *workers, *devices, *reserved[1 + len(workers) :]]
+    sites = bridge.check_bridging(options.bridging, [*reserved, *devices], devices)
+    users = [options.server_user, *workers, *devices, *sites, *reserved[1 + len(workers) :]]
+    return users, sites
 
 
 def _plugin_path(options: BrokerConfigOptions) -> Path | None:
@@ -291,6 +311,8 @@ def add_devices(options: AddDevicesOptions, use_tool: bool = True) -> list[str]:
         else:
             access.write_password_file(folder / "passwd", {device: password}, use_tool)
             done.append(f"{device}: certificate and password (send mosquitto SIGHUP to reload)")
+    if bridge.is_site(folder):
+        done.append(bridge.add_site_devices(folder, devices, options.topics))
     return done
 
 
@@ -350,6 +372,14 @@ def _config_text(
         "tls_version tlsv1.2",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _bridge_lines(options: BrokerConfigOptions, home: Path, account: BrokerAccount) -> list[str]:
+    if not options.bridging.bridge_to:
+        return []
+    devices, size = options.devices, options.max_packet_size
+    lines = bridge.write_bridge(options.bridging, options.out, home, devices, options.topics, size)
+    return [*bridge.chown_comment(account.name, home), *lines, ""]
 
 
 def _identity_lines(identity: str) -> list[str]:

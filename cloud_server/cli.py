@@ -142,6 +142,14 @@ def broker_config(
           --devices cam-01 cam-02 cam-03
     Later, with the broker running:
       sfprompt-cloud broker-config --out ./broker --add --devices cam-04
+
+    \b
+    A site broker in front of it (docs/broker.md, "Beyond one node"):
+      sfprompt-cloud broker-config --out ./central --devices cam-01 \\
+          --site site-a=cam-02,cam-03
+      sfprompt-cloud broker-config --out ./site-a --devices cam-02 cam-03 \\
+          --bridge-to mqtt.example.org:8883 \\
+          --bridge-credentials ./central/clients/site-a
     """
     from .broker_config import write_broker_config
 
@@ -159,6 +167,10 @@ def broker_config(
     click.echo(f"Start it with: mosquitto -c {files.config}")
     out = options.out
     click.echo(f"Give each device its folder under {out / 'clients'} (keep certs/ca.key private).")
+    if options.bridging.sites:
+        click.echo("Each site broker gets its folder there too: its --bridge-credentials.")
+    if options.bridging.bridge_to:
+        click.echo(f"Its bridge to {' '.join(options.bridging.bridge_to)} starts with it.")
 
 
 def _add_devices(out: Path, ids: tuple[str, ...], broker_host: str, days: int) -> None:
