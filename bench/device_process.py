@@ -3,9 +3,13 @@
     python bench/device_process.py onnx  BUNDLE_DIR BATCH STEPS THREADS
     python bench/device_process.py torch BUNDLE_DIR BATCH STEPS THREADS
 
-A step is what the device computes per batch: head forward, tail step, head VJP, update.
-The onnx process imports no torch; the torch process does it the natural eager way (keep the
-head's graph, two backward passes) on the same cut of the same model.
+A step is what the device computes per batch: head forward, tail step, head VJP, update. Of
+the local phase (SFPROMPT_BENCH_ORT's "phase": "local", the default): the tail reads h and the
+gradient reaches the head through what it read. Of the split phase ("split"): the device's
+share, with the body's reply stood in by h itself and dL/dh by a fixed dense array (the body
+mixes all rows, so the server's dL/dh is dense). The onnx process imports no torch; the torch
+process does it the natural eager way (keep the head's graph, two backward passes) on the same
+cut of the same model.
 """
 
 from __future__ import annotations
@@ -21,22 +25,42 @@ import numpy as np
 from sfprompt.edge_client.memory import MemoryProfiler
 
 
+def variant() -> dict:
+    """What the parent varies (bench_export, bench_session_options), as JSON in the env."""
+    return json.loads(os.environ.get("SFPROMPT_BENCH_ORT", "{}"))
+
+
+def dense_grad_h(shape: tuple[int, ...]) -> np.ndarray:
+    """The split phase's dL/dh stand-in: fixed, dense, small."""
+    return np.random.default_rng(7).standard_normal(shape).astype(np.float32) * 1e-3
+
+
 def onnx_steps(bundle: str, batch: int, steps: int, threads: int) -> list[float]:
     from sfprompt.edge_client.local_step import local_step
     from sfprompt.edge_client.onnx_runtime import OnnxDeviceRuntime
+    from sfprompt.edge_client.optimizer import Sgd
     from sfprompt.edge_client.runtime import synthetic_batch
+    from sfprompt.edge_client.tail_input import select
+    from sfprompt.protocol.bundle import PROMPT_KEY
 
-    variant = json.loads(os.environ.get("SFPROMPT_BENCH_ORT", "{}"))  # bench_session_options
-    micro_batch = variant.get("micro_batch", 4)
-    rt = OnnxDeviceRuntime(bundle, threads, micro_batch, lean=variant.get("lean", False))
-    apply_variant(rt, variant, threads)
+    choice = variant()
+    micro_batch = choice.get("micro_batch", 4)
+    rt = OnnxDeviceRuntime(bundle, threads, micro_batch, lean=choice.get("lean", False))
+    apply_variant(rt, choice, threads)
     params = rt.initial_parameters()
     images, labels = synthetic_batch(rt, batch)
     weight = np.ones(batch, np.float32)
+    sgd = Sgd(1e-4)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        local_step(rt, params, images, labels, weight, 1e-4)
+        if choice.get("phase", "local") == "local":
+            local_step(rt, params, images, labels, weight, sgd)
+        else:
+            h, tape = rt.head_forward_taped(images, params[PROMPT_KEY])
+            step = rt.tail_step(params, select(h, rt.manifest), labels, weight)
+            grad_prompt = rt.head_vjp(tape, dense_grad_h(h.shape))
+            sgd.step(params, {PROMPT_KEY: grad_prompt, **step.grads})
         times.append(time.perf_counter() - t0)
     return times
 
@@ -85,6 +109,8 @@ def torch_steps(bundle: str, batch: int, steps: int, threads: int) -> list[float
     images = torch.randn(batch, *m.preprocess["input_size"])
     labels = torch.randint(0, m.num_classes, (batch,))
     weight = torch.ones(batch)
+    split_phase = variant().get("phase", "local") == "split"
+    grad_h = None
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -92,9 +118,13 @@ def torch_steps(bundle: str, batch: int, steps: int, threads: int) -> list[float
         t = select_tail_input(h, split.tail_input, split.skip_tokens).detach().requires_grad_(True)
         loss = weighted_cross_entropy(split.tail(t), labels, weight)
         loss.backward()
-        h_grad = torch.autograd.grad(
-            select_tail_input(h, split.tail_input, split.skip_tokens), prompt, t.grad
-        )
+        if split_phase:
+            if grad_h is None:
+                grad_h = torch.from_numpy(dense_grad_h(tuple(h.shape)))
+            h_grad = torch.autograd.grad(h, prompt, grad_h)
+        else:
+            selected = select_tail_input(h, split.tail_input, split.skip_tokens)
+            h_grad = torch.autograd.grad(selected, prompt, t.grad)
         prompt.grad = h_grad[0]
         opt.step()
         opt.zero_grad()

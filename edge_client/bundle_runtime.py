@@ -19,9 +19,10 @@ from safetensors.numpy import load_file
 
 from sfprompt.protocol.bundle import BundleError, Manifest, load_manifest
 
+from .tail_input import scatter_grad, select
+
 Params = dict[str, np.ndarray]
 GRAPHS = ("head_forward", "head_vjp", "tail_step", "tail_forward")  # every bundle, with twins
-TAPE_GRAPHS = ("head_tape_forward", "head_tape_backward")  # ONNX only; bundles since v0.13
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,14 @@ class HeadTape:
 
     `saved` holds the tape graphs' outputs, one list per micro-batch, and is emptied as the
     backward uses it (so a tape is freed chunk by chunk and cannot be applied twice); None
-    means the runtime recomputes the forward from `image` and `prompt`.
+    means the runtime recomputes the forward from `image` and `prompt`. A tape is of h
+    (`head_forward_taped`) or of t (`tail_input_taped`), and only that one's VJP takes it.
     """
 
     image: np.ndarray
     prompt: np.ndarray
     saved: list[list[np.ndarray]] | None = None
+    backward: str = ""  # the graph that reads `saved`
 
     @property
     def nbytes(self) -> int:
@@ -92,6 +95,34 @@ class BundleRuntime:
         """Tail parameter keys in the graphs' (and TorchScript twins') order."""
         return [k for k in self.manifest.parameters if k.startswith("tail.")]
 
+    def head_forward(self, image: np.ndarray, prompt: np.ndarray) -> np.ndarray:
+        raise NotImplementedError  # each runtime's own
+
+    def head_forward_taped(
+        self, image: np.ndarray, prompt: np.ndarray
+    ) -> tuple[np.ndarray, HeadTape]:
+        raise NotImplementedError
+
+    def head_vjp(self, tape: HeadTape, grad_h: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    # What the tail reads of h (t), for the local phase and the scoring, where h itself is not
+    # needed; a runtime with graphs that compute t alone (LOCAL_GRAPHS) overrides these.
+    def tail_input_forward(self, image: np.ndarray, prompt: np.ndarray) -> np.ndarray:
+        """t of (B, 3, H, W) images: what the tail reads of h."""
+        return select(self.head_forward(image, prompt), self.manifest)
+
+    def tail_input_taped(
+        self, image: np.ndarray, prompt: np.ndarray
+    ) -> tuple[np.ndarray, HeadTape]:
+        """t, and the tape `tail_input_vjp` will need for this batch."""
+        h, tape = self.head_forward_taped(image, prompt)
+        return select(h, self.manifest), tape
+
+    def tail_input_vjp(self, tape: HeadTape, grad_t: np.ndarray) -> np.ndarray:
+        """dL/dt -> dL/dprompt (P, D)."""
+        return self.head_vjp(tape, scatter_grad(grad_t, self.manifest))
+
     def _check_inputs(self, name: str, feeds: dict[str, np.ndarray]) -> None:
         """Raise `BundleError` for a missing input or one that does not fit the manifest."""
         for spec in self.manifest.graphs[name].inputs:
@@ -107,6 +138,11 @@ class BundleRuntime:
             )
         if tape.saved == []:
             raise BundleError("head_vjp: this tape was already used (one backward per forward)")
+
+    @staticmethod
+    def _check_tape_kind(tape: HeadTape, backwards: tuple[str, ...], vjp: str) -> None:
+        if tape.saved is not None and tape.backward not in backwards:
+            raise BundleError(f"{vjp}: this tape is for {tape.backward}, not for {vjp}")
 
     def _chunks(self, batch: int) -> list[slice]:
         step = self.micro_batch or batch

@@ -1,6 +1,7 @@
 """One local-loss training step of prompt + tail on the device, in numpy.
 
-head -> (what the tail reads) -> tail step -> scatter dL/dt into dL/dh -> head VJP -> SGD.
+head -> t (what the tail reads of h) -> tail step -> the head's VJP from dL/dt -> SGD. The
+head computes only what t needs where the bundle has graphs for it (export/head_rows.py).
 `phase` lets a caller (the profiler) time and measure each part without a copy of the step.
 """
 
@@ -16,7 +17,6 @@ from sfprompt.protocol.bundle import PROMPT_KEY
 from .bundle_runtime import Params, TailStepResult
 from .optimizer import Sgd
 from .runtime import DeviceRuntime
-from .tail_input import scatter_grad, select
 
 Phase = Callable[[str], AbstractContextManager[object]]
 
@@ -35,12 +35,11 @@ def local_gradients(
 ) -> tuple[TailStepResult, Params]:
     """The tail step (loss, logits before the update) and the gradient of every parameter."""
     with phase("head_forward"):
-        h, tape = runtime.head_forward_taped(images, params[PROMPT_KEY])
+        t, tape = runtime.tail_input_taped(images, params[PROMPT_KEY])
     with phase("tail_step"):
-        step = runtime.tail_step(params, select(h, runtime.manifest), labels, weight)
+        step = runtime.tail_step(params, t, labels, weight)
     with phase("head_vjp"):
-        grad_h = scatter_grad(step.grad_input, runtime.manifest)
-        grad_prompt = runtime.head_vjp(tape, grad_h)
+        grad_prompt = runtime.tail_input_vjp(tape, step.grad_input)
     return step, {PROMPT_KEY: grad_prompt, **step.grads}
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from sfprompt.protocol.bundle import HEAD_WEIGHTS_EXTRA
+from sfprompt.protocol.bundle import HEAD_WEIGHTS_EXTRA, LOCAL_GRAPHS, TAPE_GRAPHS
 
-from .bundle_runtime import TAPE_GRAPHS, BundleRuntime, HeadTape, Params, TailStepResult
+from .bundle_runtime import BundleRuntime, HeadTape, Params, TailStepResult
 
 
 def session_options(threads: int | None = None, arena: bool = True) -> ort.SessionOptions:
@@ -95,16 +95,25 @@ class OnnxDeviceRuntime(BundleRuntime):
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._half_weights = self.manifest.extra.get(HEAD_WEIGHTS_EXTRA) == "fp16"
         self.keeps_tape = not lean and all(g in self.manifest.graphs for g in TAPE_GRAPHS)
-        if self.keeps_tape:
-            outputs = self.manifest.graphs["head_tape_forward"].outputs
-            self._tape_names = [spec.name for spec in outputs[1:]]
+        self.local_graphs = all(g in self.manifest.graphs for g in LOCAL_GRAPHS)
 
     def _session(self, name: str) -> ort.InferenceSession:
         if name not in self._sessions:
+            self._close_the_other_phase(name)
             path = self.directory / self.manifest.graphs[name].onnx
             half = self._half_weights and name.startswith("head_")
             self._sessions[name] = open_session(path, self._options, half)
         return self._sessions[name]
+
+    def _close_the_other_phase(self, name: str) -> None:
+        """Never hold the local phase's head graphs and the split phase's together: each pair
+        holds the head's weights again (~60 MB at ViT-Base), and a round runs its phases one
+        after the other, so this costs one session opening per graph per phase."""
+        if name.startswith("head_"):
+            local = name in LOCAL_GRAPHS
+            for other in [n for n in self._sessions if n.startswith("head_")]:
+                if (other in LOCAL_GRAPHS) != local:
+                    del self._sessions[other]
 
     def _run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         self._check_inputs(name, feeds)
@@ -118,11 +127,7 @@ class OnnxDeviceRuntime(BundleRuntime):
         scoring and evaluation passes, which cost a little more this way.
         """
         graph = "head_tape_forward" if self.keeps_tape else "head_forward"
-        parts = [
-            self._run(graph, {"image": image[c], "prompt": prompt})[0]
-            for c in self._chunks(len(image))
-        ]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return self._forward(graph, image, prompt)
 
     def head_forward_taped(
         self, image: np.ndarray, prompt: np.ndarray
@@ -130,28 +135,66 @@ class OnnxDeviceRuntime(BundleRuntime):
         """h as `head_forward` gives it, and the tape `head_vjp` will need for this batch."""
         if not self.keeps_tape:
             return self.head_forward(image, prompt), HeadTape(image, prompt)
-        hs, saved = [], []
-        for c in self._chunks(len(image)):
-            h, *tape = self._run("head_tape_forward", {"image": image[c], "prompt": prompt})
-            hs.append(h)
-            saved.append(tape)
-        return (hs[0] if len(hs) == 1 else np.concatenate(hs)), HeadTape(image, prompt, saved)
+        return self._forward_taped(TAPE_GRAPHS, image, prompt)
 
     def head_vjp(self, tape: HeadTape, grad_h: np.ndarray) -> np.ndarray:
-        """dL/dh (B, T, D) -> dL/dprompt (P, D), from the tape or by recomputing the forward.
+        """dL/dh (B, T, D) -> dL/dprompt (P, D), from the tape or by recomputing the forward."""
+        self._check_tape_kind(tape, (TAPE_GRAPHS[1],), "head_vjp")
+        return self._vjp(tape, grad_h)
 
-        The prompt is shared by every sample, so its gradient is the sum over micro-batches.
-        """
-        self._check_grad_h(tape, grad_h)
+    def tail_input_forward(self, image: np.ndarray, prompt: np.ndarray) -> np.ndarray:
+        """t, computed without the rows of h the tail does not read where the bundle can."""
+        if not self.local_graphs:
+            return super().tail_input_forward(image, prompt)
+        return self._forward(LOCAL_GRAPHS[0], image, prompt)
+
+    def tail_input_taped(
+        self, image: np.ndarray, prompt: np.ndarray
+    ) -> tuple[np.ndarray, HeadTape]:
+        """t and its tape (a small one: the rows the tail reads need little of the block)."""
+        if not self.local_graphs:
+            return super().tail_input_taped(image, prompt)
+        return self._forward_taped(LOCAL_GRAPHS, image, prompt)
+
+    def tail_input_vjp(self, tape: HeadTape, grad_t: np.ndarray) -> np.ndarray:
+        if tape.backward != LOCAL_GRAPHS[1]:
+            return super().tail_input_vjp(tape, grad_t)
+        return self._vjp(tape, grad_t)
+
+    def _forward(self, graph: str, image: np.ndarray, prompt: np.ndarray) -> np.ndarray:
+        """The first output of `graph` (h or t), micro-batch by micro-batch; any tape dropped."""
+        parts = [
+            self._run(graph, {"image": image[c], "prompt": prompt})[0]
+            for c in self._chunks(len(image))
+        ]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _forward_taped(
+        self, graphs: tuple[str, str], image: np.ndarray, prompt: np.ndarray
+    ) -> tuple[np.ndarray, HeadTape]:
+        outs, saved = [], []
+        for c in self._chunks(len(image)):
+            out, *tape = self._run(graphs[0], {"image": image[c], "prompt": prompt})
+            outs.append(out)
+            saved.append(tape)
+        joined = outs[0] if len(outs) == 1 else np.concatenate(outs)
+        return joined, HeadTape(image, prompt, saved, backward=graphs[1])
+
+    def _vjp(self, tape: HeadTape, grad: np.ndarray) -> np.ndarray:
+        """The prompt's gradient from a tape (or recomputed): the prompt is shared by every
+        sample, so it is the sum over micro-batches."""
+        self._check_grad_h(tape, grad)
         total = np.zeros_like(tape.prompt)
         for c in self._chunks(len(tape.image)):
             if tape.saved is None:
-                feeds = {"image": tape.image[c], "prompt": tape.prompt, "grad_h": grad_h[c]}
+                feeds = {"image": tape.image[c], "prompt": tape.prompt, "grad_h": grad[c]}
                 total += self._run("head_vjp", feeds)[0]
             else:
-                feeds = dict(zip(self._tape_names, tape.saved.pop(0)))  # freed as it goes
-                feeds["grad_h"] = grad_h[c]
-                total += self._run("head_tape_backward", feeds)[0]
+                inputs = self.manifest.graphs[tape.backward].inputs
+                grad_name, *tape_names = [spec.name for spec in inputs]
+                feeds = dict(zip(tape_names, tape.saved.pop(0)))  # freed as it goes
+                feeds[grad_name] = grad[c]
+                total += self._run(tape.backward, feeds)[0]
         return total
 
     def tail_step(

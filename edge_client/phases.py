@@ -26,7 +26,6 @@ from .optimizer import Sgd
 from .pruning import el2n_scores, keep_hardest
 from .runtime import DeviceRuntime
 from .split_link import SplitLink
-from .tail_input import select
 
 
 class RoundAborted(RuntimeError):
@@ -118,8 +117,8 @@ def score_el2n(
         _check(should_stop)
         idx = np.arange(start, min(start + batch_size, len(data)))
         x, y = data.batch(idx)
-        h = runtime.head_forward(x, params[PROMPT_KEY])
-        logits = runtime.tail_forward(params, select(h, runtime.manifest))
+        t = runtime.tail_input_forward(x, params[PROMPT_KEY])
+        logits = runtime.tail_forward(params, t)
         scores[idx] = el2n_scores(logits, y)
     return scores
 

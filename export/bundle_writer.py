@@ -1,9 +1,11 @@
 """Write the device bundle and the server bundle for one model and one cut.
 
 device bundle: head_forward / head_vjp / tail_step / tail_forward as ONNX graphs and
-TorchScript twins, head_tape_forward / head_tape_backward (the head's training pass without
-recomputation, ONNX only), the initial prompt + tail (safetensors), the preprocessing config and
-`manifest.json` with shapes, dtypes and the sha256 of every file.
+TorchScript twins; ONNX only: head_tape_forward / head_tape_backward (the head's training pass
+without recomputation) and, where the tail reads the first rows of h, head_local_forward /
+head_local_backward (the local phase's head: those rows only); the initial prompt + tail
+(safetensors), the preprocessing config and `manifest.json` with shapes, dtypes and the sha256
+of every file.
 server bundle: the frozen body and head weights, the initial prompt + tail, and its manifest.
 """
 
@@ -22,6 +24,9 @@ from safetensors.torch import save_file
 from sfprompt.protocol.bundle import (
     BATCH,
     HEAD_WEIGHTS_EXTRA,
+    LOCAL_GRAPHS,
+    PREFIX_TOKENS,
+    TAPE_GRAPHS,
     GraphSpec,
     Manifest,
     TensorSpec,
@@ -33,6 +38,7 @@ from . import device_graphs as dg
 from .config import ExportConfig
 from .cut_manifest import base_manifest, preprocess_config
 from .half_weights import halve_weights
+from .head_rows import export_local_tape
 from .head_tape import export_head_tape
 from .model_loading import create_vit
 from .onnx_export import export_onnx
@@ -40,7 +46,7 @@ from .split_vit import PROMPT_KEY, SplitViT, init_prompt, select_tail_input
 from .torchscript_export import export_torchscript
 
 WEIGHTS_FILE = "prompt_tail.safetensors"
-HEAD_GRAPHS = ("head_forward", "head_vjp", "head_tape_forward", "head_tape_backward")
+HEAD_GRAPHS = ("head_forward", "head_vjp", *TAPE_GRAPHS, *LOCAL_GRAPHS)  # where they exist
 
 
 @dataclass(frozen=True)
@@ -162,9 +168,14 @@ def write_bundles(
     progress("exporting the head's forward with its tape, and its backward")
     tape = export_head_tape(split.head, example["image"], prompt, device_dir)
     graphs.update({name: graph_spec(path, "") for name, path in tape.items()})
+    if split.tail_input.kind == PREFIX_TOKENS:
+        progress("exporting the head for the local phase: the rows the tail reads")
+        rows = split.tail_input.count
+        local = export_local_tape(split.head, rows, example["image"], prompt, device_dir)
+        graphs.update({name: graph_spec(path, "") for name, path in local.items()})
     if cfg.head_weights == "fp16":
         progress("storing the head graphs' weights in float16")
-        for name in HEAD_GRAPHS:
+        for name in (n for n in HEAD_GRAPHS if n in graphs):
             halve_weights(device_dir / graphs[name].onnx)
             graphs[name] = graph_spec(device_dir / graphs[name].onnx, graphs[name].torchscript)
 

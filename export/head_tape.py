@@ -24,6 +24,8 @@ from torch import fx, nn
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
+from sfprompt.protocol.bundle import TAPE_GRAPHS
+
 from .onnx_export import save_module_onnx
 from .split_vit import PromptedHead
 
@@ -265,9 +267,6 @@ class TapeBackward(_Constants):
         return [s.rows_per_sample for s in self.part.saved.values() if s.kind == "tape"]
 
 
-TAPE_GRAPHS = ("head_tape_forward", "head_tape_backward")
-
-
 def export_head_tape(
     head: PromptedHead, image: torch.Tensor, prompt: torch.Tensor, directory: Path
 ) -> dict[str, Path]:
@@ -276,26 +275,35 @@ def export_head_tape(
     `image` is an example batch (size >= 2 and equal to no other dimension of the model).
     """
     part = partition_head(prompt_rows_only(head, prompt.shape[0]), image, prompt)
+    return export_tape_pair(part, image, prompt, directory, TAPE_GRAPHS, "h")
+
+
+def export_tape_pair(
+    part: HeadPartition,
+    image: torch.Tensor,
+    prompt: torch.Tensor,
+    directory: Path,
+    names: tuple[str, str],
+    output: str,
+) -> dict[str, Path]:
+    """Write a partition's forward (image, prompt -> `output`, tape...) and backward
+    (grad_`output`, tape... -> grad_prompt) as the graphs `names` in `directory`."""
     forward, backward = TapeForward(part).eval(), TapeBackward(part).eval()
     with torch.no_grad():
-        h, *tape = forward(image, prompt)
-    names = tuple(f"tape.{i}" for i in range(len(tape)))
-    paths = {name: Path(directory) / f"{name}.onnx" for name in TAPE_GRAPHS}
+        out, *tape = forward(image, prompt)
+    tapes = tuple(f"tape.{i}" for i in range(len(tape)))
+    paths = {name: Path(directory) / f"{name}.onnx" for name in names}
     save_module_onnx(
-        forward,
-        (image, prompt),
-        ("image", "prompt"),
-        ("h", *names),
-        {"image": 1},
-        paths["head_tape_forward"],
-    )
-    grad_h = torch.randn(h.shape, generator=torch.Generator().manual_seed(0))
+        forward, (image, prompt), ("image", "prompt"), (output, *tapes), {"image": 1},
+        paths[names[0]],
+    )  # fmt: skip
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
     save_module_onnx(
         backward,
-        (grad_h, *tape),
-        ("grad_h", *names),
+        (grad, *tape),
+        (f"grad_{output}", *tapes),
         ("grad_prompt",),
-        {"grad_h": 1, **dict(zip(names, backward.tape_rows()))},
-        paths["head_tape_backward"],
+        {f"grad_{output}": 1, **dict(zip(tapes, backward.tape_rows()))},
+        paths[names[1]],
     )
     return paths

@@ -99,6 +99,8 @@ class TailInput:
     shape: tuple[int | str, ...]  # (batch, tokens, dim)
 
 
+TAPE_GRAPHS = ("head_tape_forward", "head_tape_backward")  # h's training pass; since v0.13
+LOCAL_GRAPHS = ("head_local_forward", "head_local_backward")  # t's only (export/head_rows.py)
 HEAD_WEIGHTS_EXTRA = "head_weights"  # Manifest.extra key: "fp16" where head graphs halve weights
 
 

@@ -10,6 +10,7 @@ from sfprompt.edge_client.onnx_runtime import OnnxDeviceRuntime
 from sfprompt.edge_client.tail_input import scatter_grad, select
 from sfprompt.export.device_graphs import weighted_cross_entropy
 from sfprompt.export.split_vit import PROMPT_KEY, select_tail_input
+from sfprompt.protocol.bundle import LOCAL_GRAPHS, PREFIX_TOKENS
 from tests.bundles import Exported, ExportedCases
 
 
@@ -79,3 +80,38 @@ def test_a_tape_serves_one_backward_and_is_freed_by_it(case) -> None:
     assert tape.saved == [] and tape.nbytes == 0
     with pytest.raises(ValueError, match="already used"):
         runtime.head_vjp(tape, np.ones_like(h))
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["tape", "lean"])
+def test_the_local_phase_head_gives_what_the_full_head_gives_for_the_tail(case, lean) -> None:
+    """t and the prompt's gradient from dL/dt: from the graphs that compute only the rows the
+    tail reads (where the bundle has them) as from the full head, select and scatter."""
+    runtime = OnnxDeviceRuntime(case.result.device_dir, threads=1, micro_batch=2, lean=lean)
+    assert runtime.local_graphs is (case.result.device.tail_input.kind == PREFIX_TOKENS)
+    prompt = runtime.initial_parameters()[PROMPT_KEY]
+    rng = np.random.default_rng(2)
+    image = rng.standard_normal((3, 3, 32, 32)).astype(np.float32)
+    t, tape = runtime.tail_input_taped(image, prompt)
+    grad_t = rng.standard_normal(t.shape).astype(np.float32)
+    got = runtime.tail_input_vjp(tape, grad_t)
+    assert (tape.backward == LOCAL_GRAPHS[1]) is runtime.local_graphs
+    h, full_tape = runtime.head_forward_taped(image, prompt)
+    want = runtime.head_vjp(full_tape, scatter_grad(grad_t, runtime.manifest))
+    np.testing.assert_allclose(t, select(h, runtime.manifest), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(runtime.tail_input_forward(image, prompt), t, rtol=1e-5, atol=1e-6)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_a_tape_is_taken_only_by_its_own_vjp_and_the_phases_never_share_memory(
+    exported_cases: ExportedCases,
+) -> None:
+    runtime = OnnxDeviceRuntime(exported_cases["token_m0"].result.device_dir, threads=1)
+    prompt = runtime.initial_parameters()[PROMPT_KEY]
+    image = np.zeros((2, 3, 32, 32), np.float32)
+    t, tape = runtime.tail_input_taped(image, prompt)
+    h = runtime.head_forward(image, prompt)
+    assert not set(LOCAL_GRAPHS) & set(runtime._sessions), "split-phase graphs beside local ones"
+    with pytest.raises(ValueError, match="this tape is for head_local_backward"):
+        runtime.head_vjp(tape, np.ones_like(h))
+    runtime.tail_input_vjp(tape, np.ones_like(t))
+    assert {n for n in runtime._sessions if n.startswith("head_")} == {LOCAL_GRAPHS[1]}

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from sfprompt.export.bundle_writer import example_inputs
 from sfprompt.export.device_graphs import weighted_cross_entropy
 from sfprompt.export.split_vit import PROMPT_KEY
-from sfprompt.protocol.bundle import BATCH
+from sfprompt.protocol.bundle import BATCH, LOCAL_GRAPHS, PREFIX_TOKENS
 from tests.bundles import Exported
 
 RTOL = 1e-4
@@ -116,6 +116,37 @@ def test_tape_graphs_match_eager_autograd(exported: Exported, batch_of) -> None:
     assert names == ["grad_h", *(f"tape.{i}" for i in range(len(tape)))]
     x.update({n: torch.from_numpy(t) for n, t in zip(names[1:], tape)})
     (grad_prompt,) = run_onnx(exported, "head_tape_backward", x)
+    assert rel_err(grad_prompt, eager_head_vjp(exported, x)) <= RTOL
+
+
+@pytest.mark.parametrize("batch_of", [lambda b: b, lambda b: 1])
+def test_local_graphs_match_eager_autograd_on_the_rows_the_tail_reads(
+    exported: Exported, batch_of
+) -> None:
+    """Where the tail reads h's first rows, the local phase's graphs give those rows and the
+    prompt's gradient through them as the eager head and autograd do; elsewhere none exist."""
+    graphs = exported.result.device.graphs
+    tail_input = exported.result.device.tail_input
+    assert tail_input is not None
+    if tail_input.kind != PREFIX_TOKENS:
+        assert not set(LOCAL_GRAPHS) & set(graphs)
+        return
+    rows = tail_input.count
+    x = inputs(exported, batch_of(exported.batch), seed=5)
+    t, *tape = run_onnx(exported, "head_local_forward", x)
+    h = exported.split.head(x["image"], x["prompt"])
+    assert t.shape == (len(x["image"]), rows, h.shape[-1])
+    assert rel_err(t, h[:, :rows]) <= RTOL
+    full_tape = sum(a.size for a in run_onnx(exported, "head_tape_forward", x)[1:])
+    assert sum(a.size for a in tape) < full_tape / 2, "the local tape should be the small one"
+    names = [s.name for s in graphs["head_local_backward"].inputs]
+    assert names == ["grad_tail_input", *(f"tape.{i}" for i in range(len(tape)))]
+    gen = torch.Generator().manual_seed(6)
+    x["grad_tail_input"] = torch.randn(t.shape, generator=gen)
+    x.update({n: torch.from_numpy(a) for n, a in zip(names[1:], tape)})
+    (grad_prompt,) = run_onnx(exported, "head_local_backward", x)
+    x["grad_h"] = torch.zeros(h.shape)
+    x["grad_h"][:, :rows] = x["grad_tail_input"]
     assert rel_err(grad_prompt, eager_head_vjp(exported, x)) <= RTOL
 
 
