@@ -5,10 +5,12 @@
     lean  `--head-weights fp16` at export, `sfprompt-edge start --lean --micro-batch 2`: the
           backward recomputes the forward, plain malloc; the least memory
 
-Each cell is one fresh process running local steps (`memory_budget.measure_step`, the
-measurement `--memory-budget` makes), onnx runtime, K=1 M=0 P=10. GFLOP/s is the step's
-analytic FLOP count (export/plan.py) over its median time: the figure docs/edge.md scales to a
-Raspberry Pi or a Jetson.
+Each cell is one fresh process running steps of both phases (`memory_budget.measure_step`,
+the measurement `--memory-budget` makes: a local step, whose head computes only what the tail
+reads where the bundle can, and the device's share of a split step, which trains every row of
+h), onnx runtime, K=1 M=0 P=10. The peak is over both. GFLOP/s is the split step's analytic
+FLOP count (export/plan.py) over its median time: the figure docs/edge.md scales to a Raspberry
+Pi or a Jetson.
 
     python bench/bench_device_memory.py [--models vit_tiny_patch16_224,vit_base_patch16_224]
                                         [--batches 1,8,32] [--threads 2] [--steps 3]
@@ -68,7 +70,9 @@ def main() -> None:
     args = parser.parse_args()
     console = Console()
     table = Table(title=f"device step, onnx runtime, K=1 M=0 P=10, {args.threads} threads")
-    for column in ("model", "B", "setting", "peak RSS (MB)", "step (ms)", "GFLOP/s"):
+    columns = ("model", "B", "setting", "peak RSS (MB)", "local step (ms)", "split step (ms)",
+               "GFLOP/s")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="left" if column in ("model", "setting") else "right")
     rows = []
     for model in args.models.split(","):
@@ -80,12 +84,13 @@ def main() -> None:
                     bundle, "onnx", batch, min(s.micro_batch, batch), args.threads,
                     args.steps, lean=s.lean,
                 )  # fmt: skip
-                gflops = step_gflop(model, batch, s.lean) / m.step_s
+                gflops = step_gflop(model, batch, s.lean) / m.split_step_s
                 rows.append({"model": model, "batch": batch, "setting": name,
                              "peak_rss_mb": m.peak_rss_mb, "step_s": m.step_s,
-                             "gflops": gflops})  # fmt: skip
+                             "split_step_s": m.split_step_s, "gflops": gflops})  # fmt: skip
                 table.add_row(model, str(batch), name, f"{m.peak_rss_mb:.0f}",
-                              f"{1000 * m.step_s:.0f}", f"{gflops:.0f}")  # fmt: skip
+                              f"{1000 * m.step_s:.0f}", f"{1000 * m.split_step_s:.0f}",
+                              f"{gflops:.0f}")  # fmt: skip
     console.print(table)
     if args.out is not None:
         args.out.write_text(json.dumps(rows, indent=2))

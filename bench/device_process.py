@@ -30,18 +30,12 @@ def variant() -> dict:
     return json.loads(os.environ.get("SFPROMPT_BENCH_ORT", "{}"))
 
 
-def dense_grad_h(shape: tuple[int, ...]) -> np.ndarray:
-    """The split phase's dL/dh stand-in: fixed, dense, small."""
-    return np.random.default_rng(7).standard_normal(shape).astype(np.float32) * 1e-3
-
-
 def onnx_steps(bundle: str, batch: int, steps: int, threads: int) -> list[float]:
     from sfprompt.edge_client.local_step import local_step
+    from sfprompt.edge_client.memory_budget import split_share_step
     from sfprompt.edge_client.onnx_runtime import OnnxDeviceRuntime
     from sfprompt.edge_client.optimizer import Sgd
     from sfprompt.edge_client.runtime import synthetic_batch
-    from sfprompt.edge_client.tail_input import select
-    from sfprompt.protocol.bundle import PROMPT_KEY
 
     choice = variant()
     micro_batch = choice.get("micro_batch", 4)
@@ -57,10 +51,7 @@ def onnx_steps(bundle: str, batch: int, steps: int, threads: int) -> list[float]
         if choice.get("phase", "local") == "local":
             local_step(rt, params, images, labels, weight, sgd)
         else:
-            h, tape = rt.head_forward_taped(images, params[PROMPT_KEY])
-            step = rt.tail_step(params, select(h, rt.manifest), labels, weight)
-            grad_prompt = rt.head_vjp(tape, dense_grad_h(h.shape))
-            sgd.step(params, {PROMPT_KEY: grad_prompt, **step.grads})
+            split_share_step(rt, params, images, labels, weight, sgd)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -94,6 +85,7 @@ def apply_variant(rt: object, variant: dict, threads: int) -> None:
 def torch_steps(bundle: str, batch: int, steps: int, threads: int) -> list[float]:
     import torch
 
+    from sfprompt.edge_client.memory_budget import dense_grad_h
     from sfprompt.export.device_graphs import weighted_cross_entropy
     from sfprompt.export.model_loading import create_vit
     from sfprompt.export.split_vit import Cut, SplitViT, select_tail_input

@@ -1,7 +1,9 @@
 """Choose the largest head micro-batch whose training step fits a device's memory budget.
 
-Each candidate is measured in a fresh child process that opens the bundle and runs local steps
-on synthetic input: the parent's own memory (and a torch it may have imported) must not count,
+Each candidate is measured in a fresh child process that opens the bundle and runs training
+steps of both phases on synthetic input (a local step, and the device's share of a split step,
+whose dense dL/dh trains every row of h: where the bundle has the local phase's graphs the split
+step is the larger): the parent's own memory (and a torch it may have imported) must not count,
 and a peak cannot be undone within one process. The peak is the kernel's high-water mark of
 the child's resident set (VmHWM), which, unlike a sampler, misses no short spike and, unlike
 `ru_maxrss`, does not inherit the parent's peak across fork + exec.
@@ -27,12 +29,20 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sfprompt.processes import child_cwd
-from sfprompt.protocol.bundle import load_manifest
+from sfprompt.protocol.bundle import PROMPT_KEY, load_manifest
 from sfprompt.units import MIB
 
 from .runtime import RUNTIMES
+
+if TYPE_CHECKING:  # numpy and the runtimes: in the child only (`--help` stays quick)
+    import numpy as np
+
+    from .bundle_runtime import Params
+    from .optimizer import Sgd
+    from .runtime import DeviceRuntime
 
 CANDIDATES = (16, 8, 4, 2, 1)  # tried besides the batch itself, where they are smaller
 CHILD_MODULE = "sfprompt.edge_client.memory_budget"
@@ -44,15 +54,16 @@ class MemoryBudgetError(ValueError):
 
 @dataclass(frozen=True)
 class StepMeasurement:
-    """What one child process saw: its peak RSS and the median time of a local step."""
+    """What one child process saw: its peak RSS and the median times of a step of each phase."""
 
     runtime: str
     batch: int
     micro_batch: int
     peak_rss_mb: float
     opened_rss_mb: float  # right after opening the runtime: libraries imported, no graph yet
-    step_s: float  # median over the steps after the first (which opens the graphs)
+    step_s: float  # local step: median over the steps after the first (which opens the graphs)
     first_step_s: float
+    split_step_s: float  # the device's share of a split step (no network), median likewise
     torch_loaded: bool
 
 
@@ -194,21 +205,26 @@ def _child(
 
     from .local_step import local_step
     from .memory import MemoryProfiler
+    from .optimizer import Sgd
     from .runtime import open_runtime, synthetic_batch
 
     # A sampler only where the kernel keeps no high-water mark (not Linux): it costs time.
     sampler = MemoryProfiler(interval_s=0.002) if peak_rss_mb() is None else None
-    times = []
+    times, split_times = [], []
     with sampler or contextlib.nullcontext():
         runtime = open_runtime(bundle, kind, threads or None, micro_batch, bool(lean))
         opened_mb = psutil.Process().memory_info().rss / MIB
         params = runtime.initial_parameters()
         images, labels = synthetic_batch(runtime, batch)
         weight = np.ones(batch, dtype=np.float32)
+        sgd = Sgd(1e-4)
         for _ in range(steps):
             start = time.perf_counter()
-            local_step(runtime, params, images, labels, weight, 1e-4)
+            local_step(runtime, params, images, labels, weight, sgd)
             times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            split_share_step(runtime, params, images, labels, weight, sgd)
+            split_times.append(time.perf_counter() - start)
     if sampler is None:
         peak = peak_rss_mb()
     else:
@@ -221,8 +237,34 @@ def _child(
         "opened_rss_mb": opened_mb,
         "step_s": statistics.median(times[1:] or times),
         "first_step_s": times[0],
+        "split_step_s": statistics.median(split_times[1:] or split_times),
         "torch_loaded": "torch" in sys.modules,
     }
+
+
+def split_share_step(
+    runtime: DeviceRuntime,
+    params: Params,
+    images: np.ndarray,
+    labels: np.ndarray,
+    weight: np.ndarray,
+    sgd: Sgd,
+) -> None:
+    """What a device computes of one split step (`phases.split_train` without the network):
+    the body's reply stood in by h itself and its dL/dh by a fixed dense array."""
+    from .tail_input import select
+
+    h, tape = runtime.head_forward_taped(images, params[PROMPT_KEY])
+    step = runtime.tail_step(params, select(h, runtime.manifest), labels, weight)
+    grad_prompt = runtime.head_vjp(tape, dense_grad_h(h.shape))
+    sgd.step(params, {PROMPT_KEY: grad_prompt, **step.grads})
+
+
+def dense_grad_h(shape: tuple[int, ...]) -> np.ndarray:
+    """The stand-in for the server's dL/dh: fixed, dense, small."""
+    import numpy as np
+
+    return np.random.default_rng(7).standard_normal(shape).astype(np.float32) * 1e-3
 
 
 if __name__ == "__main__":
