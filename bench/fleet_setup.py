@@ -21,7 +21,6 @@ from pathlib import Path
 
 from sfprompt.broker_login import BrokerLogin
 from sfprompt.cloud_server.broker_access import FleetAccess, worker_users, write_dynsec_config
-from sfprompt.cloud_server.cli import EMBEDDED_ONLY
 from sfprompt.cloud_server.config import (
     BodyConfig,
     BrokerSettings,
@@ -136,12 +135,6 @@ def start_worker(
         workers=plan.workers,
     )
     path = write_config(work / f"worker{index}.json", cfg)
-    # write_config writes every BrokerSettings field, the embedded broker's too (`devices`: []),
-    # which `worker --config` refuses as unknown: drop them.
-    entries = json.loads(path.read_text())
-    for name in EMBEDDED_ONLY:
-        entries.pop(name.replace("_", "-"), None)
-    path.write_text(json.dumps(entries, indent=2) + "\n")
     command = [str(BIN / "sfprompt-cloud"), "worker", "--config", str(path)]
     return _process(command, work / f"worker{index}.log")
 

@@ -132,10 +132,12 @@ def build(config: type[T], values: Mapping[str, Any]) -> T:
 
 def write_config(path: Path, *configs: Any) -> Path:
     """Write the option fields of the dataclass instances `configs` to a JSON `--config` file
-    (keys spelled like the flags; unset options left out), for a command run as a process."""
+    (keys spelled like the flags), for a command run as a process. Options unset or at their
+    default are left out: the file then suits every command that shares the options it sets
+    (`worker` takes `serve`'s broker settings but not the embedded broker's)."""
     entries: dict[str, Any] = {}
-    for name, value in _option_values(configs):
-        if value is not None:
+    for name, value, default in _option_values(configs):
+        if value is not None and value != default:
             entries[name] = _json_value(value)
     path.write_text(json.dumps(entries, indent=2) + "\n")
     return path
@@ -256,15 +258,15 @@ def _field_value(field: dataclasses.Field, hint: Any, spec: Option, value: Any) 
     return value
 
 
-def _option_values(configs: tuple[Any, ...]) -> Iterator[tuple[str, Any]]:
-    """(flag name without dashes, value) of every option field of the instances `configs`."""
+def _option_values(configs: tuple[Any, ...]) -> Iterator[tuple[str, Any, Any]]:
+    """(flag name without dashes, value, default) of every option field of `configs`."""
     for config in configs:
         for field, _, spec in _fields(type(config)):
             value = getattr(config, field.name)
             if spec is None and KEY not in field.metadata:
                 yield from _option_values((value,))
             elif spec is not None:
-                yield flag_of(field, spec).split("/")[0][2:], value
+                yield flag_of(field, spec).split("/")[0][2:], value, _default(field)
 
 
 def _json_value(value: Any) -> Any:

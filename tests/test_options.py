@@ -159,3 +159,22 @@ def test_a_written_config_builds_the_same_dataclasses(tmp_path: Path) -> None:
     )
     assert build(ServeConfig, values) == serve
     assert build(Verbosity, values) == Verbosity(verbose=True)
+
+
+def test_a_written_worker_config_is_one_worker_reads(tmp_path: Path) -> None:
+    """Options at their default are left out of a written file: a worker's carries none of the
+    embedded broker's options, which `worker --config` does not take."""
+    worker = WorkerConfig(
+        source=ModelSource(bundle=tmp_path),
+        broker=BrokerSettings("mqtt://127.0.0.1:1", BrokerLogin("server-worker-0")),
+        index=1,
+        workers=2,
+    )
+    path = write_config(tmp_path / "worker.json", worker)
+    assert not {"devices", "listen", "embedded-port"} & set(json.loads(path.read_text()))
+    command = cloud.commands["worker"]
+    names = {str(p.name) for p in command.params}
+    values = {p.name: p.default for p in command.params} | config_values(
+        click.Context(command), names, path
+    )
+    assert build(WorkerConfig, values) == worker
