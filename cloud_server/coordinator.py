@@ -3,7 +3,8 @@
 The coordinator receives its transport (an `MqttClient`) and its evaluation as arguments, and
 keeps all arithmetic in pure functions (`fedavg.py`, `aggregation.py`), so each part is testable
 on its own. Updates arrive on the client's dispatcher thread and are filed into the open round
-(`round_state.OpenRound`); everything else runs on the thread that calls `run`. A checkpoint is
+(`round_state.OpenRound`), or in buffered mode into the run's `BufferInbox`, whose loop is
+`buffered_loop.py`; everything else runs on the thread that calls `run`. A checkpoint is
 written after every round, so a server killed at any moment restarts from the last completed
 round with the same weights.
 """
@@ -25,6 +26,7 @@ from sfprompt.protocol.messages import (
     Error,
     Join,
     Message,
+    PhaseSettings,
     Presence,
     ServerStatus,
     Task,
@@ -33,12 +35,14 @@ from sfprompt.protocol.messages import (
 from sfprompt.protocol.mqtt_client import MqttClient
 
 from .aggregation import RefusalTracker
+from .buffer_inbox import BufferInbox
+from .buffered_loop import BufferedLoop
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .fedavg import RoundInbox, UpdateRejected
 from .metrics import MetricsLog, RoundMetrics
 from .registry import Registry, RegistryFull
-from .round_state import OpenRound, aggregate_round, log_round
-from .rounds import RoundConfig, params_digest, select_devices
+from .round_state import OpenRound, aggregate_round, log_round, update_figures
+from .rounds import BUFFERED, RoundConfig, params_digest, select_devices
 
 log = logging.getLogger(__name__)
 Params = dict[str, np.ndarray]
@@ -76,6 +80,7 @@ class Coordinator:
         self.refusals = RefusalTracker(cfg.max_refusals)
         self.state = "starting"
         self._current: OpenRound | None = None
+        self._buffer: BufferInbox | None = None  # buffered mode, while it runs
         self._lock = threading.Lock()
         self.on_device_gone = on_device_gone
         self.registry.on_offline(self._device_offline)
@@ -108,34 +113,50 @@ class Coordinator:
     def run(self, stop: threading.Event) -> None:
         """Rounds until `cfg.rounds` are done or `stop` is set; raises TimeoutError if too few
         devices come online in `wait_for_devices_s`."""
-        self._status("starting")  # devices that knew an earlier server instance join again
-        self._status("waiting")
-        while self.round < self.cfg.rounds and not stop.is_set():
-            if len(self._eligible()) < self.cfg.min_devices:
-                log.info(
-                    "waiting up to %.0fs for %d device(s) to join (%d online, %d excluded)",
-                    self.cfg.wait_for_devices_s,
-                    self.cfg.min_devices,
-                    len(self.registry.online()),
-                    len(self.refusals.excluded),
-                )
-            online = self._wait_for_eligible(stop)
-            if stop.is_set():
-                break
-            if len(online) < self.cfg.min_devices:
-                raise TimeoutError(
-                    f"only {len(online)} of the {self.cfg.min_devices} devices needed came "
-                    f"online within {self.cfg.wait_for_devices_s:.0f}s"
-                    + (
-                        f" ({len(self.refusals.excluded)} more are excluded)"
-                        if self.refusals.excluded
-                        else ""
-                    )
-                )
-            self._run_round(self.round + 1, online, stop)
-        self._status("finished" if self.round >= self.cfg.rounds else "stopped")
+        self.status("starting")  # devices that knew an earlier server instance join again
+        self.status("waiting")
+        if self.cfg.aggregation_mode == BUFFERED:
+            BufferedLoop(self).run(stop)
+        else:
+            while self.round < self.cfg.rounds and not stop.is_set():
+                online = self.await_devices(stop)
+                if online is None:
+                    break
+                self._run_round(self.round + 1, online, stop)
+        self.status("finished" if self.round >= self.cfg.rounds else "stopped")
 
-    def _eligible(self) -> list[str]:
+    def await_devices(self, stop: threading.Event) -> list[str] | None:
+        """The eligible devices once `min_devices` of them are online; None if `stop` is set
+        first. Raises TimeoutError if too few come online in `wait_for_devices_s`."""
+        if len(self.eligible()) < self.cfg.min_devices:
+            log.info(
+                "waiting up to %.0fs for %d device(s) to join (%d online, %d excluded)",
+                self.cfg.wait_for_devices_s,
+                self.cfg.min_devices,
+                len(self.registry.online()),
+                len(self.refusals.excluded),
+            )
+        online = self._wait_for_eligible(stop)
+        if stop.is_set():
+            return None
+        if len(online) < self.cfg.min_devices:
+            raise TimeoutError(
+                f"only {len(online)} of the {self.cfg.min_devices} devices needed came "
+                f"online within {self.cfg.wait_for_devices_s:.0f}s"
+                + (
+                    f" ({len(self.refusals.excluded)} more are excluded)"
+                    if self.refusals.excluded
+                    else ""
+                )
+            )
+        return online
+
+    def open_buffer(self, inbox: BufferInbox | None) -> None:
+        """File the UPDATEs that arrive from now on into `inbox` (None: no more)."""
+        with self._lock:
+            self._buffer = inbox
+
+    def eligible(self) -> list[str]:
         """Online devices that may be selected: not excluded."""
         return [d for d in self.registry.online() if d not in self.refusals.excluded]
 
@@ -148,7 +169,7 @@ class Coordinator:
             self.registry.wait_for(
                 self.cfg.min_devices + len(self.refusals.excluded), slice_s, stop
             )
-            eligible = self._eligible()
+            eligible = self.eligible()
             enough = len(eligible) >= self.cfg.min_devices
             if enough or stop.is_set() or time.monotonic() >= deadline:
                 return eligible
@@ -163,18 +184,13 @@ class Coordinator:
         state.inbox.close()  # an update still being checked now is refused as late
         with self._lock:
             self._current = None
-        self._status("aggregating", f"round {number}")
+        self.status("aggregating", f"round {number}")
         self.params, figures, model_refused = aggregate_round(
             self.params, state, self.cfg.aggregation_config()
         )
         refused = state.inbox.refused_for_content()
-        for device in self.refusals.record(state.selected, set(state.inbox.accepted), refused):
-            log.warning(
-                "%s excluded from selection: its update was refused %d rounds in a row",
-                device,
-                self.cfg.max_refusals,
-            )
-        self._status("evaluating", f"round {number}")
+        self.record_refusals(state.selected, set(state.inbox.accepted), refused)
+        self.status("evaluating", f"round {number}")
         metrics = state.metrics(
             self.evaluate(self.params),
             self.eval_samples,
@@ -185,7 +201,16 @@ class Coordinator:
             sorted(self.refusals.excluded),
         )
         log_round(metrics)
-        self._finish_round(number, metrics)
+        self.finish_round(number, metrics)
+
+    def record_refusals(self, selected: list[str], accepted: set[str], refused: set[str]) -> None:
+        """Count refusals towards exclusion (`RefusalTracker.record`), saying whom it excludes."""
+        for device in self.refusals.record(selected, accepted, refused):
+            log.warning(
+                "%s excluded from selection: its update was refused %d times in a row",
+                device,
+                self.cfg.max_refusals,
+            )
 
     def _open_round(self, number: int, online: list[str]) -> OpenRound:
         """Select the round's devices and open its inbox to their updates."""
@@ -201,11 +226,11 @@ class Coordinator:
         state = OpenRound(number, selected, inbox, started, params_digest(self.params))
         with self._lock:
             self._current = state
-        self._status("training", f"round {number}: {len(selected)} devices")
+        self.status("training", f"round {number}: {len(selected)} devices")
         log.info("round %d: %s selected", number, ", ".join(selected))
         return state
 
-    def _finish_round(self, number: int, metrics: RoundMetrics) -> None:
+    def finish_round(self, number: int, metrics: RoundMetrics) -> None:
         """Checkpoint the round, then count it done and report it."""
         self.history.append(metrics.to_dict())
         save_checkpoint(
@@ -226,16 +251,25 @@ class Coordinator:
 
     def _send_tasks(self, number: int, selected: list[str], deadline: float) -> dict[str, int]:
         settings = self.cfg.settings(deadline)
-        topics = self.client.config.topics
         sizes = {}
         for device_id in selected:
-            task = Task(device_id=device_id, round=number, params=self.params, settings=settings)
-            packets = self.client.packets(task)
+            packets = self.task_packets(device_id, number, self.params, settings)
             sizes[device_id] = sum(len(p) for p in packets)
-            self.client.publish_packets(topics.down(device_id, "task"), packets, timeout=None)
+            self.publish_task(device_id, packets)
         return sizes
 
-    def _status(self, state: str, text: str = "") -> None:
+    def task_packets(
+        self, device_id: str, number: int, params: Params, settings: PhaseSettings
+    ) -> list[bytes]:
+        """A TASK of round (or version) `number` for `device_id`, as it will be sent."""
+        task = Task(device_id=device_id, round=number, params=params, settings=settings)
+        return self.client.packets(task)
+
+    def publish_task(self, device_id: str, packets: list[bytes]) -> None:
+        topic = self.client.config.topics.down(device_id, "task")
+        self.client.publish_packets(topic, packets, timeout=None)
+
+    def status(self, state: str, text: str = "") -> None:
         self.state = state
         status = ServerStatus(
             device_id=BROADCAST,
@@ -292,11 +326,15 @@ class Coordinator:
         msg = inbound.message
         assert isinstance(msg, Update)
         with self._lock:
-            state = self._current
+            state, buffer = self._current, self._buffer
         try:
-            if state is None:
+            if buffer is not None:
+                figures = update_figures(msg, inbound.payload_bytes)
+                buffer.offer(msg.device_id, msg.round, dict(msg.params), msg.samples, figures)
+            elif state is None:
                 raise UpdateRejected("wrong_round", f"no round is open (update for {msg.round})")
-            state.file_update(msg, inbound.payload_bytes)
+            else:
+                state.file_update(msg, inbound.payload_bytes)
         except UpdateRejected as exc:
             log.warning("rejected the update of %s: %s", msg.device_id, exc)
             error = Error(
@@ -335,7 +373,9 @@ class Coordinator:
             return
         self.on_device_gone(device_id)
         with self._lock:
-            state = self._current
+            state, buffer = self._current, self._buffer
+        if buffer is not None and buffer.end(device_id, "went offline"):
+            log.info("%s went offline during its task; not waiting for it", device_id)
         if state is not None and device_id in state.inbox.pending:
             state.inbox.drop(device_id)
             log.info("%s went offline during the round; not waiting for it", device_id)

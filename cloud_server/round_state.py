@@ -16,7 +16,7 @@ import numpy as np
 
 from sfprompt.protocol.messages import Update
 
-from .aggregation import AggregationConfig, aggregate
+from .aggregation import Aggregated, AggregationConfig, aggregate
 from .fedavg import RoundInbox
 from .metrics import RoundMetrics
 
@@ -41,12 +41,7 @@ class OpenRound:
         """Offer `msg` (`payload_bytes` long on the wire) to the inbox and keep what it
         reports; raises UpdateRejected."""
         self.inbox.offer(msg.device_id, msg.round, dict(msg.params), msg.samples)
-        self.device_metrics[msg.device_id] = {
-            "samples": float(msg.samples),
-            "bytes_up_update": float(payload_bytes),  # as it crossed the wire, unchunked
-            **{k: float(v) for k, v in msg.metrics.items()},
-            **{k: float(v) for k, v in msg.memory.items()},
-        }
+        self.device_metrics[msg.device_id] = update_figures(msg, payload_bytes)
 
     def reported_local_samples(self, devices: list[str]) -> dict[str, float]:
         """The local sample count each of `devices` reported, where it did."""
@@ -93,6 +88,17 @@ class OpenRound:
         )
 
 
+def update_figures(msg: Update, payload_bytes: int) -> dict[str, float]:
+    """What an accepted UPDATE reports, for the metrics: samples, its size on the wire
+    (`payload_bytes`, unchunked), and the device's own figures and memory."""
+    return {
+        "samples": float(msg.samples),
+        "bytes_up_update": float(payload_bytes),
+        **{k: float(v) for k, v in msg.metrics.items()},
+        **{k: float(v) for k, v in msg.memory.items()},
+    }
+
+
 def aggregate_round(
     params: Params, state: OpenRound, cfg: AggregationConfig
 ) -> tuple[Params, Figures, str]:
@@ -104,20 +110,22 @@ def aggregate_round(
         return params, {}, ""
     reported = state.reported_local_samples(list(accepted))
     result = aggregate(params, accepted, cfg, reported, norms=state.inbox.norms)
+    log_aggregated(state.number, result, cfg)
+    return result.params, result.figures(), result.refused
+
+
+def log_aggregated(number: int, result: Aggregated, cfg: AggregationConfig) -> None:
+    """Say when the new model was refused (a WARNING) and whose changes were clipped."""
     if result.refused:
         log.warning(
             "round %d: new global model refused, keeping the last good one: %s",
-            state.number,
+            number,
             result.refused,
         )
     if result.clipped:
         log.info(
-            "round %d: clipped to norm %g: %s",
-            state.number,
-            cfg.clip_norm,
-            ", ".join(result.clipped),
+            "round %d: clipped to norm %g: %s", number, cfg.clip_norm, ", ".join(result.clipped)
         )
-    return result.params, result.figures(), result.refused
 
 
 def log_round(m: RoundMetrics) -> None:

@@ -1,7 +1,8 @@
 """How the federation trains (`RoundConfig`), and the pure steps of a round's start.
 
 `RoundConfig` is what `sfprompt-cloud serve` and `sfprompt-sim` share; the round loop that runs
-it is `coordinator.py`, one round's updates and aggregation are `round_state.py`.
+it is `coordinator.py`, one round's updates and aggregation are `round_state.py`; the buffered
+mode's loop is `buffered_loop.py`, its inbox `buffer_inbox.py`, its arithmetic `buffered.py`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ Params = dict[str, np.ndarray]
 SAME_ENCODING = "same"
 """`encoding_down`'s default: the server replies in the encoding of each request."""
 DOWN_ENCODINGS = (SAME_ENCODING, *ENCODINGS)
+
+SYNC = "sync"
+BUFFERED = "buffered"
+AGGREGATION_MODES = (SYNC, BUFFERED)
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,11 @@ class RoundConfig:
     )
     round_timeout_s: float = field(
         default=600.0,
-        metadata=opt("Deadline of each round: later updates are rejected.", flag="--round-timeout"),
+        metadata=opt(
+            "Deadline of each round (buffered: of each TASK, and the longest a round waits for "
+            "its --buffer-size updates): later updates are rejected.",
+            flag="--round-timeout",
+        ),
     )
     offline_grace_s: float = field(
         default=10.0,
@@ -99,6 +108,35 @@ class RoundConfig:
             choices=PRUNE_MODES,
         ),
     )
+    # Defenses against a curious server, applied by each device to what it sends and carried in
+    # the TASK (edge_client/defenses.py; docs/threat-model.md, Defenses). Off by default.
+    defense_clip: float | None = field(
+        default=None,
+        metadata=opt(
+            "C: devices scale each sample's h to L2 norm <= C before sending it. Default: off."
+        ),
+    )
+    defense_noise: float = field(
+        default=0.0,
+        metadata=opt(
+            "sigma: devices add N(0, (sigma C)^2) to every value of the clipped h (needs "
+            "--defense-clip); a Gaussian mechanism per release, not DP-SGD."
+        ),
+    )
+    defense_grad_noise: float = field(
+        default=0.0,
+        metadata=opt(
+            "Devices add Gaussian noise to dL/dz whose norm is this many times the batch's "
+            "largest row norm: it turns the direction that betrays labels."
+        ),
+    )
+    defense_grad_max_norm: bool = field(
+        default=False,
+        metadata=opt(
+            "Devices add Li et al.'s max-norm noise to dL/dz: every row's expected norm "
+            "becomes the batch's largest (hides the norm, barely the direction)."
+        ),
+    )
     seed: int = field(default=0, metadata=opt("Seed of the selection of devices per round."))
     max_devices: int = field(
         default=10_000,
@@ -149,6 +187,34 @@ class RoundConfig:
             "A device whose update is refused this many rounds in a row is no longer selected."
         ),
     )
+    # Buffered (asynchronous) rounds, FedBuff (Nguyen et al. 2022): docs/cloud_server.md,
+    # "Buffered aggregation"; a=0.5 and K=10 are the paper's choices.
+    aggregation_mode: str = field(
+        default=SYNC,
+        metadata=opt(
+            "sync: each round waits for its selected devices (or --round-timeout); buffered: "
+            "devices train continuously and every --buffer-size updates make a round, so slow "
+            "devices hold no one up (docs/cloud_server.md, Buffered aggregation).",
+            choices=AGGREGATION_MODES,
+        ),
+    )
+    buffer_size: int = field(
+        default=10,
+        metadata=opt("buffered: K; once K updates wait, they (and any more by then) make a round."),
+    )
+    staleness_exponent: float = field(
+        default=0.5,
+        metadata=opt(
+            "buffered: an update that trained from a model s rounds old counts (1 + s)^-a times "
+            "its change; 0 counts every update fully."
+        ),
+    )
+    max_staleness: int = field(
+        default=10,
+        metadata=opt(
+            "buffered: refuse (as late) an update that trained from a model more rounds old."
+        ),
+    )
 
     def __post_init__(self) -> None:
         self.aggregation_config()  # raises ValueError naming a bad bound or rule
@@ -161,6 +227,23 @@ class RoundConfig:
             raise ValueError(f"max_refusals must be an integer, got {self.max_refusals!r}")
         if self.max_refusals < 1:
             raise ValueError(f"max_refusals must be >= 1, got {self.max_refusals!r}")
+        self._check_buffered()
+        self.settings(deadline=0.0)  # ProtocolError (a ValueError) names a bad round setting
+
+    def _check_buffered(self) -> None:
+        """Raise ValueError naming a bad option of the buffered mode."""
+        if self.aggregation_mode not in AGGREGATION_MODES:
+            raise ValueError(
+                f"aggregation_mode must be one of {list(AGGREGATION_MODES)}, "
+                f"got {self.aggregation_mode!r}"
+            )
+        for name, least in (("buffer_size", 1), ("max_staleness", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        exponent = self.staleness_exponent
+        if not (isinstance(exponent, (int, float)) and math.isfinite(exponent) and exponent >= 0):
+            raise ValueError(f"staleness_exponent must be finite and >= 0, got {exponent!r}")
 
     def aggregation_config(self) -> AggregationConfig:
         return AggregationConfig(
@@ -189,6 +272,10 @@ class RoundConfig:
             batch_size=self.batch_size,
             encoding=self.encoding,
             prune=self.prune,
+            defense_clip=self.defense_clip,
+            defense_noise=self.defense_noise,
+            defense_grad_noise=self.defense_grad_noise,
+            defense_grad_max_norm=self.defense_grad_max_norm,
         )
 
 
@@ -201,12 +288,20 @@ def params_digest(params: Params) -> str:
     return digest.hexdigest()[:16]
 
 
-def select_devices(online: list[str], cfg: RoundConfig, rng: np.random.Generator) -> list[str]:
-    """A random subset of the online devices: a count, or a fraction (at least one)."""
+def devices_per_round(cfg: RoundConfig, online: int) -> int:
+    """How many of `online` devices train at once: a count, or a fraction (at least one)."""
     if cfg.clients_per_round is not None:
         count = cfg.clients_per_round
     else:
-        count = math.ceil(cfg.fraction * len(online))
-    count = max(1, min(count, len(online)))
+        count = math.ceil(cfg.fraction * online)
+    return max(1, min(count, online))
+
+
+def select_devices(
+    online: list[str], cfg: RoundConfig, rng: np.random.Generator, count: int | None = None
+) -> list[str]:
+    """A random subset of the online devices: `count` of them, by default
+    `devices_per_round`."""
+    count = devices_per_round(cfg, len(online)) if count is None else min(count, len(online))
     chosen = rng.choice(len(online), size=count, replace=False)
     return sorted(online[i] for i in chosen)

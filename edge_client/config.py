@@ -104,3 +104,11 @@ class EdgeConfig:
     leave_when_server_stops: bool = field(
         default=False, metadata=opt("Leave once the server says the federation has finished.")
     )
+    step_delay_s: float = field(
+        default=0.0,
+        metadata=opt(
+            "For tests and demos: wait this long before every training batch, to play a slow "
+            "device (a straggler).",
+            flag="--step-delay",
+        ),
+    )

@@ -37,6 +37,7 @@ from sfprompt.protocol.mqtt_client import MqttClient
 from sfprompt.units import MB
 
 from .config import EdgeConfig
+from .defenses import Defense
 from .hardware import hardware_profile, runtime_versions
 from .memory import MemoryProfiler
 from .optimizer import Sgd
@@ -265,8 +266,12 @@ class EdgeDevice:
         settings = task.settings
         params = {k: np.array(v, dtype=np.float32) for k, v in task.params.items()}
 
-        def should_stop() -> bool:
-            return self.stop.is_set() or not self.tasks.empty() or time.time() > settings.deadline
+        def should_stop() -> bool:  # asked before every batch of both phases
+            if self.cfg.step_delay_s > 0:  # --step-delay: a slower device, for tests
+                self.stop.wait(self.cfg.step_delay_s)
+            if self.stop.is_set() or self.server_done.is_set() or not self.tasks.empty():
+                return True  # asked to stop, the federation is over, or a newer task came
+            return time.time() > settings.deadline
 
         log.info(
             "round %d started: %d local samples, keeping %.0f%% by EL2N",
@@ -274,6 +279,11 @@ class EdgeDevice:
             len(self.data),
             100 * settings.keep_ratio,
         )
+        defense = Defense.from_settings(settings)
+        if defense.active:
+            log.info(
+                "round %d: defense against a curious server: %s", task.round, defense.describe()
+            )
         started = time.monotonic()
         sent0, received0 = client.traffic.snapshot()
         link = SplitLink(
@@ -283,6 +293,7 @@ class EdgeDevice:
             settings.encoding,
             self.cfg.request_timeout_s,
             self.cfg.attempts,
+            defense=defense,
         )
         cfg = self.cfg
         with MemoryProfiler(interval_s=0.02) as profiler:

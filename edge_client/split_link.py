@@ -5,6 +5,9 @@ again (the server answers a repeat from its reply cache, never computing twice),
 from the server (e.g. it restarted and lost the step) raises `RemoteError`. An ERROR `busy`
 (the server's queue or state is full for now) is retried as a new message, since the server
 answers a repeat of the refused one from its cache, with backoff for up to `busy_wait_s`.
+
+The round's `Defense` (defenses.py) is applied here, to h and dL/dz just before they are sent,
+with noise from OS entropy; dL/dh is returned through the clip, as for the h the head gave.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import numpy as np
 from sfprompt.protocol.errors import BUSY, ProtocolError, RemoteError
 from sfprompt.protocol.messages import BodyOut, GradH, GradZ, Message, Smashed, new_msg_id
 from sfprompt.protocol.mqtt_client import MqttClient
+
+from .defenses import NO_DEFENSE, ClipTape, Defense
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,8 @@ class SplitLink:
         timeout_s: float = 60.0,
         attempts: int = 3,
         busy_wait_s: float = 60.0,
+        defense: Defense = NO_DEFENSE,
+        noise: np.random.Generator | None = None,
     ) -> None:
         self.client = client
         self.device_id = device_id
@@ -42,16 +49,22 @@ class SplitLink:
         self.timeout_s = timeout_s
         self.attempts = attempts
         self.busy_wait_s = busy_wait_s
+        self.defense = defense
+        # Unseeded: noise the server could replay from a known seed would protect nothing.
+        self.noise = noise if noise is not None else np.random.default_rng()
         self.step = 0
+        self._clip: ClipTape | None = None  # the last forward's, until its backward
 
     def forward(self, h: np.ndarray) -> np.ndarray:
-        """Send h (B, T, D); returns z, only the tokens the tail reads."""
+        """Send h (B, T, D), clipped and noised as the defense says; returns z, only the tokens
+        the tail reads."""
         self.step += 1
+        sent, self._clip = self.defense.protect_h(h, self.noise)
         msg = Smashed(
             device_id=self.device_id,
             round=self.round,
             step=self.step,
-            h=np.ascontiguousarray(h, dtype=np.float32),
+            h=np.ascontiguousarray(sent, dtype=np.float32),
             encoding=self.encoding,
         )
         reply = self._request(msg, "smashed", "body_out")
@@ -59,17 +72,20 @@ class SplitLink:
         return reply.z
 
     def backward(self, grad_z: np.ndarray) -> np.ndarray:
-        """Send dL/dz for the last forward; returns dL/dh (B, T, D)."""
+        """Send dL/dz for the last forward (noised as the defense says); returns dL/dh
+        (B, T, D) with respect to the h given to `forward`."""
+        sent = self.defense.protect_grad(grad_z, self.noise)
         msg = GradZ(
             device_id=self.device_id,
             round=self.round,
             step=self.step,
-            grad_z=np.ascontiguousarray(grad_z, dtype=np.float32),
+            grad_z=np.ascontiguousarray(sent, dtype=np.float32),
             encoding=self.encoding,
         )
         reply = self._request(msg, "grad_z", "grad_h")
         assert isinstance(reply, GradH)
-        return reply.grad_h
+        clip, self._clip = self._clip, None
+        return clip.vjp(reply.grad_h) if clip is not None else reply.grad_h
 
     def _request(self, msg: Message, up: str, down: str) -> Message:
         topics = self.client.config.topics

@@ -167,6 +167,16 @@ def _parse_settings(name: str, text: str) -> PhaseSettings:
         raise ProtocolError(BAD_FIELD, name, f"keys {sorted(known)}", str(exc)) from None
 
 
+def _dump_settings(settings: PhaseSettings) -> str:
+    """Settings as JSON, the optional ones left out at their default: a TASK that uses no
+    setting newer than a device reads the same there (the defenses came later)."""
+    values = dataclasses.asdict(settings)
+    for f in dataclasses.fields(settings):
+        if f.default is not dataclasses.MISSING and values[f.name] == f.default:
+            del values[f.name]
+    return _dump_json(values)
+
+
 def _refuse(constant: str) -> None:
     raise ValueError(constant)
 
@@ -176,7 +186,7 @@ INT: Converter = (str, _parse_int)
 FLOAT: Converter = (repr, _parse_float)
 BOOL: Converter = (lambda value: "true" if value else "false", _parse_bool)
 JSON_MAP: Converter = (_dump_json, _parse_json_object)
-SETTINGS: Converter = (lambda s: _dump_json(dataclasses.asdict(s)), _parse_settings)
+SETTINGS: Converter = (_dump_settings, _parse_settings)
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,12 @@ class PhaseSettings:
     # "class": the hardest keep_ratio of each class; "global": of the whole local set (the
     # paper's rule, which drops whole classes while the classifier is biased: docs/simulation.md)
     prune: str
+    # Defenses the device applies to what it sends (edge_client/defenses.py). An older TASK has
+    # none of these keys and parses as "no defense"; the codec leaves them out while off.
+    defense_clip: float | None = None  # C: each sample's h scaled to L2 norm <= C
+    defense_noise: float = 0.0  # sigma: N(0, (sigma C)^2) added to each value of clipped h
+    defense_grad_noise: float = 0.0  # dL/dz noise, in units of the batch's largest row norm
+    defense_grad_max_norm: bool = False  # Li et al.'s max-norm noise on dL/dz
 
     def __post_init__(self) -> None:
         _check_float(self.keep_ratio, "settings.keep_ratio", 0.0, 1.0, low_open=True)
@@ -186,6 +192,22 @@ class PhaseSettings:
         if self.encoding not in ENCODINGS:
             expected = f"one of {ENCODINGS}"
             raise ProtocolError(BAD_FIELD, "settings.encoding", expected, self.encoding)
+        self._check_defense()
+
+    def _check_defense(self) -> None:
+        if self.defense_clip is not None:
+            _check_float(self.defense_clip, "settings.defense_clip", 0.0, 1e12, low_open=True)
+        _check_float(self.defense_noise, "settings.defense_noise", 0.0, 1e6)
+        _check_float(self.defense_grad_noise, "settings.defense_grad_noise", 0.0, 1e6)
+        if not isinstance(self.defense_grad_max_norm, bool):
+            raise ProtocolError(
+                BAD_FIELD, "settings.defense_grad_max_norm", "a bool", self.defense_grad_max_norm
+            )
+        if self.defense_noise > 0 and self.defense_clip is None:
+            raise ProtocolError(
+                BAD_FIELD, "settings.defense_noise", "0 without defense_clip (noise is sigma * C)",
+                self.defense_noise,
+            )  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
