@@ -4,7 +4,8 @@ Handlers only validate, file state and queue work on the batcher, so they run in
 client's network thread (no hop to its dispatcher); replies go out from the batcher's thread once
 the (cross-device) body call is done, so MQTT traffic never waits on the body. The coordinator's
 server and every `sfprompt-cloud worker` run this same service; with several workers each serves
-the devices `owns` assigns it (see docs/cloud_server.md).
+the devices `owns` assigns it, or in an elastic pool only those it is subscribed to
+(`serve_device`, see docs/cloud_server.md).
 
 What a device cannot have now (the batcher's queue or the split state is full) is answered with
 ERROR `busy` and nothing of the request is kept; the device sends it again later. A request over
@@ -61,9 +62,12 @@ class BodyService:
         self.owns = owns
         self.encoding_down = encoding_down
         self._served: OrderedDict[str, None] = OrderedDict()  # for the log, bounded
+        # Split messages that reached this process, by device (bounded like `_served`): what
+        # per-device subscriptions save shows here.
+        self.received: OrderedDict[str, int] = OrderedDict()
 
     def attach(self) -> BodyService:
-        """Subscribe the handlers (before or after connect)."""
+        """Subscribe the handlers to every device's split traffic (before or after connect)."""
         topics = self.client.config.topics
         # Inline: the handlers only queue work for the batcher, so they run on paho's network
         # thread and save a thread hop per request (the reply goes out from the batcher).
@@ -71,9 +75,24 @@ class BodyService:
         self.client.subscribe(topics.all_up_of("grad_z"), self._on_grad_z, inline=True)
         return self
 
+    def serve_device(self, device_id: str) -> None:
+        """Subscribe to one device's split traffic (an elastic worker's assignment); raises
+        TransportError if the broker refuses."""
+        topics = self.client.config.topics
+        self.client.subscribe(topics.up(device_id, "smashed"), self._on_smashed, inline=True)
+        self.client.subscribe(topics.up(device_id, "grad_z"), self._on_grad_z, inline=True)
+
+    def stop_serving(self, device_id: str) -> None:
+        """Unsubscribe from a device moved elsewhere and free its open steps."""
+        topics = self.client.config.topics
+        self.client.unsubscribe(topics.up(device_id, "smashed"))
+        self.client.unsubscribe(topics.up(device_id, "grad_z"))
+        self.store.drop_device(device_id)
+
     def _on_smashed(self, inbound: Inbound) -> Message | None:
         msg = inbound.message
         assert isinstance(msg, Smashed)
+        self._note_received(msg.device_id)
         if not self.owns(msg.device_id):
             return None
         self._note_served(msg.device_id)
@@ -94,6 +113,7 @@ class BodyService:
     def _on_grad_z(self, inbound: Inbound) -> Message | None:
         msg = inbound.message
         assert isinstance(msg, GradZ)
+        self._note_received(msg.device_id)
         if not self.owns(msg.device_id):
             return None
         key = (msg.device_id, msg.round, msg.step)
@@ -115,6 +135,14 @@ class BodyService:
             self.store.put(key, h)  # still open: the device sends its GRAD_Z again
             return _refusal(msg, exc)
         return None
+
+    def _note_received(self, device_id: str) -> None:
+        count = self.received.pop(device_id, 0)
+        if count == 0:
+            log.debug("split traffic from %s", device_id)
+        self.received[device_id] = count + 1
+        if len(self.received) > 100_000:
+            self.received.popitem(last=False)
 
     def _note_served(self, device_id: str) -> None:
         if device_id in self._served:

@@ -15,6 +15,9 @@ from sfprompt.protocol.client_config import ClientConfig
 
 from .rounds import DOWN_ENCODINGS, RoundConfig
 
+STATIC_POOL, ELASTIC_POOL = "static", "elastic"
+WORKER_POOLS = (STATIC_POOL, ELASTIC_POOL)
+
 if TYPE_CHECKING:
     import torch
 
@@ -153,8 +156,23 @@ class ServeConfig:
         default=2000, metadata=opt("Test images evaluated per round (a fixed stratified subset).")
     )
     body_workers: int = field(
-        default=0, metadata=opt("0: run the body here; N: N `sfprompt-cloud worker`s serve it.")
+        default=0,
+        metadata=opt(
+            "0: run the body here; N: `sfprompt-cloud worker`s serve it (the embedded broker "
+            "admits N worker logins)."
+        ),
     )
+    worker_pool: str = field(
+        default=STATIC_POOL,
+        metadata=opt(
+            "static: worker i of N serves the devices hashed to it (worker --index/--of); "
+            "elastic: workers started with --id join and leave at any time and each round's "
+            "devices are assigned to the live ones by capacity.",
+            choices=WORKER_POOLS,
+        ),
+    )
+    # elastic pool: a worker over (1 + this) times its share sheds devices at the next round
+    rebalance_threshold: float = field(default=0.25, metadata=internal())
     metrics_port: int | None = field(
         default=None, metadata=opt("Serve Prometheus metrics on this port.")
     )
@@ -170,6 +188,18 @@ class WorkerConfig:
     source: ModelSource = field(default_factory=ModelSource)
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     body: BodyConfig = field(default_factory=BodyConfig)
+    worker_id: str | None = field(
+        default=None,
+        metadata=opt(
+            "Join serve's elastic pool under this name (no --index/--of).",
+            flag="--id",
+            pattern=r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}",
+        ),
+    )
+    capacity: float = field(
+        default=1.0,
+        metadata=opt("Elastic pool: this worker's share of devices relative to the others'."),
+    )
     index: int = field(default=0, metadata=opt("This worker's number."))
     workers: int = field(
         default=1,

@@ -43,6 +43,7 @@ from .metrics import MetricsLog, RoundMetrics
 from .registry import Registry, RegistryFull
 from .round_state import OpenRound, aggregate_round, log_round, update_figures
 from .rounds import BUFFERED, RoundConfig, params_digest, select_devices
+from .worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
 Params = dict[str, np.ndarray]
@@ -63,6 +64,7 @@ class Coordinator:
         eval_samples: int | None = None,  # test images `evaluate` uses, for the metrics
         on_round: Callable[[RoundMetrics], None] = lambda metrics: None,
         on_device_gone: Callable[[str], None] = lambda device_id: None,
+        pool: WorkerPool | None = None,  # an elastic pool of body workers (None: static or here)
     ) -> None:
         self.client = client
         self.cfg = cfg
@@ -83,6 +85,7 @@ class Coordinator:
         self._buffer: BufferInbox | None = None  # buffered mode, while it runs
         self._lock = threading.Lock()
         self.on_device_gone = on_device_gone
+        self.pool = pool
         self.registry.on_offline(self._device_offline)
 
     # ---- wiring ------------------------------------------------------------------------------
@@ -175,9 +178,12 @@ class Coordinator:
                 return eligible
 
     def _run_round(self, number: int, online: list[str], stop: threading.Event) -> None:
+        if self.pool is not None and not self.pool.await_live(self.cfg.wait_for_devices_s, stop):
+            return
         state = self._open_round(number, online)
         deadline = state.started + self.cfg.round_timeout_s  # wall clock: devices compare
-        state.task_bytes = self._send_tasks(number, state.selected, deadline)
+        workers = {} if self.pool is None else self.pool.route(number, state.selected)
+        state.task_bytes = self._send_tasks(number, state.selected, deadline, workers)
         while not state.inbox.wait(0.5) and time.monotonic() < state.inbox.deadline:
             if stop.is_set():
                 return  # nothing of this round is kept; the checkpoint holds the last one
@@ -249,20 +255,31 @@ class Coordinator:
         self.metrics_log.write(metrics)
         self.on_round(metrics)
 
-    def _send_tasks(self, number: int, selected: list[str], deadline: float) -> dict[str, int]:
+    def _send_tasks(
+        self, number: int, selected: list[str], deadline: float, workers: dict[str, str]
+    ) -> dict[str, int]:
         settings = self.cfg.settings(deadline)
         sizes = {}
         for device_id in selected:
-            packets = self.task_packets(device_id, number, self.params, settings)
+            worker = workers.get(device_id, "")
+            packets = self.task_packets(device_id, number, self.params, settings, worker)
             sizes[device_id] = sum(len(p) for p in packets)
             self.publish_task(device_id, packets)
         return sizes
 
     def task_packets(
-        self, device_id: str, number: int, params: Params, settings: PhaseSettings
+        self,
+        device_id: str,
+        number: int,
+        params: Params,
+        settings: PhaseSettings,
+        worker: str = "",
     ) -> list[bytes]:
-        """A TASK of round (or version) `number` for `device_id`, as it will be sent."""
-        task = Task(device_id=device_id, round=number, params=params, settings=settings)
+        """A TASK of round (or version) `number` for `device_id` (served by body `worker`, if
+        named), as it will be sent."""
+        task = Task(
+            device_id=device_id, round=number, params=params, settings=settings, worker=worker
+        )
         return self.client.packets(task)
 
     def publish_task(self, device_id: str, packets: list[bytes]) -> None:

@@ -25,13 +25,23 @@ from sfprompt.protocol.mqtt_client import MqttClient
 from .batcher import BodyBatcher
 from .body_model import ServerModel
 from .body_service import BodyService, worker_of
-from .config import BodyConfig, BrokerSettings, ModelSource, ServeConfig, WorkerConfig
+from .config import (
+    ELASTIC_POOL,
+    BodyConfig,
+    BrokerSettings,
+    ModelSource,
+    ServeConfig,
+    WorkerConfig,
+)
 from .coordinator import Coordinator
 from .embedded_broker import SERVER_USER, embedded_broker
 from .evaluation import evaluate, load_test_set
 from .metrics import MetricsLog, PrometheusExporter, RoundMetrics
+from .pool_member import PoolMember, offline_will
 from .progress import RoundProgress
+from .rounds import BUFFERED
 from .step_state import StepStore
+from .worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +104,7 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> list[dict]:
             f"--batch-size {cfg.rounds.batch_size} is above --max-batch {cfg.body.max_batch}, the "
             "most samples one request may carry: lower it or raise --max-batch"
         )
+    _check_pool(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg.source, cfg.body)
@@ -124,6 +135,9 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> list[dict]:
         if cfg.body_workers == 0:
             batcher = BodyBatcher(model, cfg.body.max_batch, cfg.body.max_wait_ms / 1000).start()
             BodyService(client, batcher, store, encoding_down=cfg.rounds.encoding_down).attach()
+        pool = None
+        if cfg.worker_pool == ELASTIC_POOL:
+            pool = WorkerPool(client, cfg.rebalance_threshold).attach()
         progress = RoundProgress(cfg.rounds.rounds, cfg.progress)
         coordinator = Coordinator(
             client,
@@ -136,6 +150,7 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> list[dict]:
             eval_samples=None if test is None else len(test[1]),
             on_round=lambda m: _after_round(m, progress, exporter, coordinator),
             on_device_gone=store.drop_device,
+            pool=pool,
         ).attach()
         if coordinator.resume():
             progress.resumed(coordinator.round)
@@ -152,28 +167,56 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> list[dict]:
     return coordinator.history
 
 
+def _check_pool(cfg: ServeConfig) -> None:
+    """Refuse what an elastic pool cannot do (yet) with a message that says so."""
+    if cfg.worker_pool != ELASTIC_POOL:
+        return
+    if cfg.rounds.aggregation_mode == BUFFERED:
+        raise ValueError(
+            "--worker-pool elastic runs synchronous rounds only: drop --aggregation-mode buffered"
+        )
+    if cfg.broker.url is None and cfg.body_workers < 1:
+        raise ValueError(
+            "--worker-pool elastic with the embedded broker needs --body-workers N >= 1, the "
+            "worker logins it admits (server-worker-0 .. N-1)"
+        )
+
+
 def run_worker(cfg: WorkerConfig, stop: threading.Event | None = None) -> None:
-    """Serve the body to this worker's share of the devices until stopped."""
+    """Serve the body to this worker's share of the devices until stopped: the devices hashed
+    to `--index` of `--of`, or with `--id` those serve's elastic pool assigns it."""
     stop = stop or stop_on_signals()
     if cfg.broker.url is None:
         raise ValueError("a worker needs the broker URL the server uses (--broker)")
     model = load_model(cfg.source, cfg.body)
+    name = cfg.worker_id if cfg.worker_id is not None else str(cfg.index)
     client_cfg = cfg.broker.client_config(
-        cfg.broker.url,
-        f"sfprompt-worker-{cfg.index}",
-        expect=expectations_for(model.manifest),
+        cfg.broker.url, f"sfprompt-worker-{name}", expect=expectations_for(model.manifest)
     )
+    if cfg.worker_id is not None:
+        client_cfg = replace(client_cfg, will=offline_will(client_cfg.topics, cfg.worker_id))
     client = MqttClient(client_cfg)
     batcher = BodyBatcher(model, cfg.body.max_batch, cfg.body.max_wait_ms / 1000).start()
-    owns = lambda device_id: worker_of(device_id, cfg.workers) == cfg.index  # noqa: E731
-    BodyService(client, batcher, StepStore(cfg.state_ttl_s), owns, cfg.encoding_down).attach()
+    store = StepStore(cfg.state_ttl_s)
+    if cfg.worker_id is not None:
+        service = BodyService(client, batcher, store, encoding_down=cfg.encoding_down)
+        member = PoolMember(client, service, cfg.worker_id, cfg.capacity, model.device.type)
+        service.owns = member.owns
+        member.attach()
+        where = f"worker {cfg.worker_id} (elastic pool, capacity {cfg.capacity:g})"
+    else:
+        owns = lambda device_id: worker_of(device_id, cfg.workers) == cfg.index  # noqa: E731
+        service = BodyService(client, batcher, store, owns, cfg.encoding_down).attach()
+        where = f"body worker {cfg.index} of {cfg.workers}"
     client.connect()
-    log.info("body worker %d of %d serving on %s", cfg.index, cfg.workers, model.device)
+    log.info("%s serving on %s", where, model.device)
     try:
         stop.wait()
     finally:
         client.close()
         batcher.stop()
+        received = ", ".join(f"{d} {n}" for d, n in sorted(service.received.items()))
+        log.info("split messages received: %s", received or "none")
 
 
 def _after_round(

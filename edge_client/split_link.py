@@ -5,6 +5,11 @@ again (the server answers a repeat from its reply cache, never computing twice),
 from the server (e.g. it restarted and lost the step) raises `RemoteError`. An ERROR `busy`
 (the server's queue or state is full for now) is retried as a new message, since the server
 answers a repeat of the refused one from its cache, with backoff for up to `busy_wait_s`.
+An ERROR `unknown_step` to a GRAD_Z (the body worker holding the step's h died, or the device
+was moved to another worker) redoes the step's exchange: the same h again as a new step, then
+the same dL/dz. The server's VJP depends only on h and dL/dz, so the gradient is the one the
+lost step would have given, and nothing is applied twice (the device applies its optimizer step
+only after `backward` returns).
 
 The round's `Defense` (defenses.py) is applied here, to h and dL/dz just before they are sent,
 with noise from OS entropy; dL/dh is returned through the clip, as for the h the head gave.
@@ -18,13 +23,16 @@ import time
 
 import numpy as np
 
-from sfprompt.protocol.errors import BUSY, ProtocolError, RemoteError
+from sfprompt.protocol.errors import BUSY, UNKNOWN_STEP, ProtocolError, RemoteError
 from sfprompt.protocol.messages import BodyOut, GradH, GradZ, Message, Smashed, new_msg_id
 from sfprompt.protocol.mqtt_client import MqttClient
 
 from .defenses import NO_DEFENSE, ClipTape, Defense
 
 log = logging.getLogger(__name__)
+
+MAX_REDOS = 3
+"""Times one step's exchange is redone after its state was lost on the server."""
 
 
 class SplitLink:
@@ -54,6 +62,7 @@ class SplitLink:
         self.noise = noise if noise is not None else np.random.default_rng()
         self.step = 0
         self._clip: ClipTape | None = None  # the last forward's, until its backward
+        self._sent: Smashed | None = None  # the last forward's SMASHED, to redo a lost step
 
     def forward(self, h: np.ndarray) -> np.ndarray:
         """Send h (B, T, D), clipped and noised as the defense says; returns z, only the tokens
@@ -69,6 +78,7 @@ class SplitLink:
         )
         reply = self._request(msg, "smashed", "body_out")
         assert isinstance(reply, BodyOut)
+        self._sent = msg
         return reply.z
 
     def backward(self, grad_z: np.ndarray) -> np.ndarray:
@@ -82,10 +92,29 @@ class SplitLink:
             grad_z=np.ascontiguousarray(sent, dtype=np.float32),
             encoding=self.encoding,
         )
-        reply = self._request(msg, "grad_z", "grad_h")
+        for redo in range(MAX_REDOS + 1):
+            try:
+                reply = self._request(msg, "grad_z", "grad_h")
+                break
+            except RemoteError as exc:
+                lost = getattr(exc.error, "code", None) == UNKNOWN_STEP
+                if not lost or redo == MAX_REDOS or self._sent is None:
+                    raise
+                log.info("step %d was lost on the server (%s); redoing it", msg.step, exc)
+                msg = self._redo_forward(msg)
         assert isinstance(reply, GradH)
-        clip, self._clip = self._clip, None
+        clip, self._clip, self._sent = self._clip, None, None
         return clip.vjp(reply.grad_h) if clip is not None else reply.grad_h
+
+    def _redo_forward(self, grad: GradZ) -> GradZ:
+        """Send the last forward's h again as a new step; returns the GRAD_Z for that step (its
+        z is not needed: the VJP is taken at h)."""
+        assert self._sent is not None
+        self.step += 1
+        again = dataclasses.replace(self._sent, step=self.step, msg_id=new_msg_id())
+        self._request(again, "smashed", "body_out")
+        self._sent = again
+        return dataclasses.replace(grad, step=self.step, msg_id=new_msg_id())
 
     def _request(self, msg: Message, up: str, down: str) -> Message:
         topics = self.client.config.topics

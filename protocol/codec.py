@@ -49,6 +49,7 @@ from .messages import (
     Task,
     Update,
 )
+from .pool_messages import WorkerAssignment, WorkerPresence
 from .tensor_codec import check_finite, decode_tensor, encode_tensor, wire_names
 from .version import PROTOCOL_VERSION
 from .wire import DEFAULT_LIMITS, Header, Limits, RawTensor, pack, read_header, unpack
@@ -187,6 +188,8 @@ FLOAT: Converter = (repr, _parse_float)
 BOOL: Converter = (lambda value: "true" if value else "false", _parse_bool)
 JSON_MAP: Converter = (_dump_json, _parse_json_object)
 SETTINGS: Converter = (_dump_settings, _parse_settings)
+# Device ids never hold a comma (check_device_id); the message checks each one.
+ID_LIST: Converter = (",".join, lambda name, text: tuple(text.split(",")) if text else ())
 
 
 @dataclass(frozen=True)
@@ -198,11 +201,14 @@ class _Kind:
     tensor: str | None = None  # an activation field, encoded per the message's `encoding`
     params: bool = False  # a `params` mapping, float32, under PARAM_PREFIX
     raw: str | None = None  # a uint8 field carried as U8 (chunks)
+    # Fields added later: left out of the payload at their default, so that a peer of an
+    # older release reads such a message, and read as their default when absent.
+    optional: Mapping[str, Converter] = field(default_factory=dict)
 
 
 KINDS: dict[str, _Kind] = {
     "join": _Kind(Join, {"bundle_hash": TEXT, "runtime": JSON_MAP, "hardware": JSON_MAP}),
-    "task": _Kind(Task, {"settings": SETTINGS}, params=True),
+    "task": _Kind(Task, {"settings": SETTINGS}, params=True, optional={"worker": TEXT}),
     "smashed": _Kind(Smashed, {"encoding": TEXT}, tensor="h"),
     "body_out": _Kind(BodyOut, {"encoding": TEXT}, tensor="z"),
     "grad_z": _Kind(GradZ, {"encoding": TEXT}, tensor="grad_z"),
@@ -216,6 +222,11 @@ KINDS: dict[str, _Kind] = {
         {"index": INT, "count": INT, "chunk_size": INT, "total_bytes": INT, "sha256": TEXT},
         raw="data",
     ),
+    "worker_presence": _Kind(
+        WorkerPresence,
+        {"online": BOOL, "capacity": FLOAT, "accelerator": TEXT, "applied": TEXT},
+    ),
+    "worker_assignment": _Kind(WorkerAssignment, {"devices": ID_LIST}),
 }
 assert all(spec.cls.kind == kind for kind, spec in KINDS.items())
 
@@ -233,6 +244,10 @@ def encode(msg: Message) -> bytes:
     }
     for name, (to_text, _) in spec.fields.items():
         metadata[name] = to_text(getattr(msg, name))
+    for name, (to_text, _) in spec.optional.items():
+        value = getattr(msg, name)
+        if value != _default_of(spec.cls, name):
+            metadata[name] = to_text(value)
     tensors: dict[str, RawTensor] = {}
     if spec.tensor is not None:
         tensors = encode_tensor(spec.tensor, getattr(msg, spec.tensor), msg.encoding)  # type: ignore[union-attr]
@@ -283,8 +298,11 @@ def decode(
     if spec is None:
         raise ProtocolError(UNKNOWN_KIND, "kind", f"one of {sorted(KINDS)}", kind)
     keys = set(ENVELOPE_KEYS) | set(spec.fields)
-    if set(metadata) != keys:
-        raise ProtocolError(MALFORMED, "__metadata__", f"keys {sorted(keys)}", sorted(metadata))
+    if not keys <= set(metadata) <= keys | set(spec.optional):
+        expected = f"keys {sorted(keys)}" + (
+            f", optionally {sorted(spec.optional)}" * bool(spec.optional)
+        )
+        raise ProtocolError(MALFORMED, "__metadata__", expected, sorted(metadata))
     values: dict[str, Any] = {
         "version": version,
         "msg_id": metadata["msg_id"],
@@ -294,6 +312,9 @@ def decode(
     }
     for name, (_, from_text) in spec.fields.items():
         values[name] = from_text(name, metadata[name])
+    for name, (_, from_text) in spec.optional.items():
+        if name in metadata:
+            values[name] = from_text(name, metadata[name])
     if spec.tensor is not None:
         encoding = values["encoding"]
         expected_names = wire_names(spec.tensor, encoding) if isinstance(encoding, str) else set()
@@ -315,6 +336,11 @@ def decode(
         _check_names(set(), tensors)
     message: Message = spec.cls(**values)
     return message
+
+
+def _default_of(cls: type[Any], name: str) -> Any:
+    """A message field's default (optional fields always have one)."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
 def _check_names(expected: set[str], tensors: Mapping[str, RawTensor]) -> None:

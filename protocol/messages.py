@@ -11,23 +11,22 @@ Messages holding arrays compare by identity (`eq=False`): numpy arrays have no s
 
 from __future__ import annotations
 
-import math
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, TypeAlias
 
 import numpy as np
 
+from .envelope import BROADCAST as BROADCAST
+from .envelope import MSG_ID, Envelope, check_float, check_int, check_mapping, check_text
+from .envelope import check_device_id as check_device_id
+from .envelope import new_msg_id as new_msg_id
 from .errors import BAD_DTYPE, BAD_FIELD, BAD_SHAPE, CODES, ProtocolError
-from .version import PROTOCOL_VERSION
+from .pool_messages import WorkerAssignment, WorkerPresence
 
 ENCODINGS = ("fp32", "fp16", "bf16", "int8")
 """Wire encodings of activations and gradients (see `tensor_codec.py`)."""
-
-BROADCAST = "*"
-"""`device_id` of messages meant for every device (a TASK for all alike, the server status)."""
 
 # "finished": every round is done (devices may leave); "stopped": the server went away (its
 # Last Will) or was stopped early, and may come back.
@@ -40,60 +39,6 @@ SERVER_STATES = (
     "finished",
     "stopped",
 )
-
-_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-_MSG_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
-_MAX_INT = 2**53  # integers survive a round trip through any JSON reader
-_MAX_TEXT = 4096
-
-
-def new_msg_id() -> str:
-    """A fresh message id: random, so that two senders never collide without coordination."""
-    return uuid.uuid4().hex
-
-
-def check_device_id(value: object, field_name: str = "device_id") -> str:
-    """Device ids become MQTT topic levels and broker user names: no wildcards, no slashes."""
-    if not isinstance(value, str) or not _DEVICE_ID.match(value):
-        raise ProtocolError(
-            BAD_FIELD, field_name, "1-64 chars of [A-Za-z0-9_.-], starting alphanumeric", value
-        )
-    return value
-
-
-def _check_int(value: object, name: str, low: int = 0, high: int = _MAX_INT) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ProtocolError(BAD_FIELD, name, f"an integer in [{low}, {high}]", value)
-
-
-def _check_float(value: object, name: str, low: float, high: float, low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (low < value if low_open else low <= value) and value <= high  # type: ignore[operator]
-    if not ok:
-        bracket = "(" if low_open else "["
-        raise ProtocolError(BAD_FIELD, name, f"a finite number in {bracket}{low}, {high}]", value)
-
-
-def _check_text(value: object, name: str, allow_empty: bool = True) -> None:
-    if not isinstance(value, str) or len(value) > _MAX_TEXT or (not allow_empty and not value):
-        raise ProtocolError(BAD_FIELD, name, f"a string of at most {_MAX_TEXT} chars", value)
-
-
-def _check_mapping(value: object, name: str, values: str) -> None:
-    """Flat string-keyed maps of "text", finite "number" or either ("scalar", bools included)."""
-    if not isinstance(value, Mapping):
-        raise ProtocolError(BAD_FIELD, name, "a mapping", type(value).__name__)
-    if len(value) > 1024:
-        raise ProtocolError(BAD_FIELD, name, "at most 1024 entries", len(value))
-    for key, item in value.items():
-        _check_text(key, f"{name} key", allow_empty=False)
-        if isinstance(item, str) and values != "number":
-            _check_text(item, f"{name}[{key}]")
-        elif not (isinstance(item, bool) and values == "scalar") and values != "text":
-            _check_float(item, f"{name}[{key}]", -math.inf, math.inf)
-        elif values == "text":
-            raise ProtocolError(BAD_FIELD, f"{name}[{key}]", "a string", item)
 
 
 def _check_activation(value: object, name: str) -> None:
@@ -110,31 +55,10 @@ def _check_params(value: object, name: str) -> None:
     if not isinstance(value, Mapping):
         raise ProtocolError(BAD_FIELD, name, "a mapping of name to array", type(value).__name__)
     for key, array in value.items():
-        _check_text(key, f"{name} key", allow_empty=False)
+        check_text(key, f"{name} key", allow_empty=False)
         if not isinstance(array, np.ndarray) or array.dtype != np.float32:
             got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
             raise ProtocolError(BAD_DTYPE, f"{name}[{key}]", "a float32 numpy array", got)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Envelope:
-    """Fields every message carries; `(device_id, msg_id)` identifies it for de-duplication."""
-
-    kind: ClassVar[str] = ""
-    device_id: str
-    round: int = 0
-    step: int = 0
-    msg_id: str = field(default_factory=new_msg_id)
-    version: int = PROTOCOL_VERSION
-
-    def __post_init__(self) -> None:
-        _check_int(self.version, "version", 1, PROTOCOL_VERSION)
-        if not isinstance(self.msg_id, str) or not _MSG_ID.match(self.msg_id):
-            raise ProtocolError(BAD_FIELD, "msg_id", "1-64 chars of [A-Za-z0-9_-]", self.msg_id)
-        if self.device_id != BROADCAST:
-            check_device_id(self.device_id)
-        _check_int(self.round, "round")
-        _check_int(self.step, "step")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,9 +72,9 @@ class Join(Envelope):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_text(self.bundle_hash, "bundle_hash", allow_empty=False)
-        _check_mapping(self.runtime, "runtime", "text")
-        _check_mapping(self.hardware, "hardware", "scalar")
+        check_text(self.bundle_hash, "bundle_hash", allow_empty=False)
+        check_mapping(self.runtime, "runtime", "text")
+        check_mapping(self.hardware, "hardware", "scalar")
 
 
 PRUNE_MODES = ("class", "global")
@@ -180,13 +104,13 @@ class PhaseSettings:
     defense_grad_max_norm: bool = False  # Li et al.'s max-norm noise on dL/dz
 
     def __post_init__(self) -> None:
-        _check_float(self.keep_ratio, "settings.keep_ratio", 0.0, 1.0, low_open=True)
-        _check_int(self.local_epochs, "settings.local_epochs", 0, 10_000)
-        _check_float(self.local_lr, "settings.local_lr", 0.0, 1e6)
-        _check_float(self.split_lr, "settings.split_lr", 0.0, 1e6)
-        _check_float(self.deadline, "settings.deadline", 0.0, 1e12)
-        _check_int(self.split_epochs, "settings.split_epochs", 0, 10_000)
-        _check_int(self.batch_size, "settings.batch_size", 1, 1 << 20)
+        check_float(self.keep_ratio, "settings.keep_ratio", 0.0, 1.0, low_open=True)
+        check_int(self.local_epochs, "settings.local_epochs", 0, 10_000)
+        check_float(self.local_lr, "settings.local_lr", 0.0, 1e6)
+        check_float(self.split_lr, "settings.split_lr", 0.0, 1e6)
+        check_float(self.deadline, "settings.deadline", 0.0, 1e12)
+        check_int(self.split_epochs, "settings.split_epochs", 0, 10_000)
+        check_int(self.batch_size, "settings.batch_size", 1, 1 << 20)
         if self.prune not in PRUNE_MODES:
             raise ProtocolError(BAD_FIELD, "settings.prune", f"one of {PRUNE_MODES}", self.prune)
         if self.encoding not in ENCODINGS:
@@ -196,9 +120,9 @@ class PhaseSettings:
 
     def _check_defense(self) -> None:
         if self.defense_clip is not None:
-            _check_float(self.defense_clip, "settings.defense_clip", 0.0, 1e12, low_open=True)
-        _check_float(self.defense_noise, "settings.defense_noise", 0.0, 1e6)
-        _check_float(self.defense_grad_noise, "settings.defense_grad_noise", 0.0, 1e6)
+            check_float(self.defense_clip, "settings.defense_clip", 0.0, 1e12, low_open=True)
+        check_float(self.defense_noise, "settings.defense_noise", 0.0, 1e6)
+        check_float(self.defense_grad_noise, "settings.defense_grad_noise", 0.0, 1e6)
         if not isinstance(self.defense_grad_max_norm, bool):
             raise ProtocolError(
                 BAD_FIELD, "settings.defense_grad_max_norm", "a bool", self.defense_grad_max_norm
@@ -217,12 +141,17 @@ class Task(Envelope):
     kind: ClassVar[str] = "task"
     params: Mapping[str, np.ndarray]
     settings: PhaseSettings
+    # The body worker serving this device's split training (elastic pool), "" for the server
+    # itself or a static pool; for the device's log. Left out of the payload while "".
+    worker: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_params(self.params, "params")
         if not isinstance(self.settings, PhaseSettings):
             raise ProtocolError(BAD_FIELD, "settings", "PhaseSettings", type(self.settings))
+        if self.worker:
+            check_device_id(self.worker, "worker")
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -293,9 +222,9 @@ class Update(Envelope):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_params(self.params, "params")
-        _check_int(self.samples, "samples")
-        _check_mapping(self.metrics, "metrics", "number")
-        _check_mapping(self.memory, "memory", "number")
+        check_int(self.samples, "samples")
+        check_mapping(self.metrics, "metrics", "number")
+        check_mapping(self.memory, "memory", "number")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -311,8 +240,8 @@ class Error(Envelope):
         super().__post_init__()
         if self.code not in CODES:
             raise ProtocolError(BAD_FIELD, "code", f"one of {sorted(CODES)}", self.code)
-        _check_text(self.text, "text")
-        if self.answers and not _MSG_ID.match(self.answers):
+        check_text(self.text, "text")
+        if self.answers and not MSG_ID.match(self.answers):
             raise ProtocolError(BAD_FIELD, "answers", "a msg_id or empty", self.answers)
 
 
@@ -328,7 +257,7 @@ class Presence(Envelope):
         super().__post_init__()
         if not isinstance(self.online, bool):
             raise ProtocolError(BAD_FIELD, "online", "a bool", self.online)
-        _check_float(self.since, "since", 0.0, 1e12)
+        check_float(self.since, "since", 0.0, 1e12)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -344,8 +273,8 @@ class ServerStatus(Envelope):
         super().__post_init__()
         if self.state not in SERVER_STATES:
             raise ProtocolError(BAD_FIELD, "state", f"one of {SERVER_STATES}", self.state)
-        _check_int(self.devices_online, "devices_online")
-        _check_text(self.text, "text")
+        check_int(self.devices_online, "devices_online")
+        check_text(self.text, "text")
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -365,11 +294,11 @@ class Chunk(Envelope):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int(self.total_bytes, "total_bytes", 1)
-        _check_int(self.chunk_size, "chunk_size", 1)
+        check_int(self.total_bytes, "total_bytes", 1)
+        check_int(self.chunk_size, "chunk_size", 1)
         expected_count = -(-self.total_bytes // self.chunk_size)
-        _check_int(self.count, "count", expected_count, expected_count)
-        _check_int(self.index, "index", 0, self.count - 1)
+        check_int(self.count, "count", expected_count, expected_count)
+        check_int(self.index, "index", 0, self.count - 1)
         if not isinstance(self.sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
             raise ProtocolError(BAD_FIELD, "sha256", "64 lowercase hex digits", self.sha256)
         if not isinstance(self.data, np.ndarray) or self.data.dtype != np.uint8:
@@ -381,5 +310,8 @@ class Chunk(Envelope):
 
 
 Message: TypeAlias = (
-    Join | Task | Smashed | BodyOut | GradZ | GradH | Update | Error | Presence | ServerStatus
-) | Chunk
+    (Join | Task | Smashed | BodyOut | GradZ | GradH | Update | Error | Presence | ServerStatus)
+    | Chunk
+    | WorkerPresence
+    | WorkerAssignment
+)

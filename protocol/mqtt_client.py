@@ -140,6 +140,10 @@ class MqttClient:
         """
         self._transport.subscribe(Subscription(topic_filter, handler, inline), timeout)
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Stop receiving `topic_filter` (registered by `subscribe`); nothing if it was not."""
+        self._transport.unsubscribe(topic_filter)
+
     # ---- request / reply ---------------------------------------------------------------------
     def request(
         self,

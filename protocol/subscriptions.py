@@ -58,6 +58,16 @@ class Subscriptions:
             if not same:
                 del self._by_filter[subscription.filter]
 
+    def remove_filter(self, topic_filter: str) -> bool:
+        """Forget every subscription on `topic_filter`; False if there was none."""
+        with self._lock:
+            gone = [sub for sub in self._all if sub.filter == topic_filter]
+            for subscription in gone:
+                self._all.remove(subscription)
+            if gone:
+                del self._by_filter[topic_filter]
+        return bool(gone)
+
     def filters(self) -> list[str]:
         """Every registered filter, in order (what each (re)connect subscribes to)."""
         with self._lock:

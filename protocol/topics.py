@@ -4,6 +4,8 @@
     sfp/v1/dev/{device_id}/down/{kind}   server -> one device: task, body_out, grad_h, status, error
     sfp/v1/presence/{device_id}          retained Presence; the device's Last Will
     sfp/v1/server/status                 retained ServerStatus
+    sfp/v1/server/workers/{worker_id}    retained WorkerPresence of a body worker; its Last Will
+    sfp/v1/server/assign/{worker_id}     retained WorkerAssignment: the devices it serves
 
 Everything a device may touch sits under a level equal to its id, so that one Mosquitto
 `pattern` line with `%u` per direction confines it; the version in the root keeps peers of
@@ -19,13 +21,14 @@ from .version import PROTOCOL_VERSION
 
 UP_KINDS = ("join", "smashed", "grad_z", "update", "error")
 DOWN_KINDS = ("task", "body_out", "grad_h", "status", "error")
+_WORKER_KINDS = {"workers": "worker_presence", "assign": "worker_assignment"}
 
 
 @dataclass(frozen=True)
 class Route:
     """What a topic says: its area, device (if any), direction (if any) and message kind."""
 
-    area: str  # "dev", "presence" or "server"
+    area: str  # "dev", "presence", "server" or "worker" (the body workers' topics)
     device_id: str | None = None
     direction: str | None = None  # "up" or "down" under "dev"
     kind: str | None = None
@@ -51,6 +54,12 @@ class Topics:
     def server_status(self) -> str:
         return f"{self.root}/server/status"
 
+    def worker_presence(self, worker_id: str) -> str:
+        return f"{self.root}/server/workers/{check_device_id(worker_id, 'worker_id')}"
+
+    def worker_assignment(self, worker_id: str) -> str:
+        return f"{self.root}/server/assign/{check_device_id(worker_id, 'worker_id')}"
+
     # Subscriptions -----------------------------------------------------------------------
     def all_up(self) -> str:
         """What the server subscribes to for device traffic."""
@@ -63,6 +72,9 @@ class Topics:
 
     def all_presence(self) -> str:
         return f"{self.root}/presence/+"
+
+    def all_worker_presence(self) -> str:
+        return f"{self.root}/server/workers/+"
 
     def device_inbox(self, device_id: str) -> str:
         """Everything sent to one device (its own down-tree)."""
@@ -115,6 +127,9 @@ class Topics:
             return Route("presence", check_device_id(parts[1]), kind="presence")
         if parts == ["server", "status"]:
             return Route("server", kind="server_status")
+        if len(parts) == 3 and parts[0] == "server" and parts[1] in _WORKER_KINDS:
+            worker_id = check_device_id(parts[2], "worker_id")
+            return Route("worker", worker_id, kind=_WORKER_KINDS[parts[1]])
         raise ValueError(f"topic {topic!r} is not one of sfprompt's")
 
 

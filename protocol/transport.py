@@ -316,6 +316,12 @@ class Transport:
                 f"broker refused subscription to {topic_filter}: {codes[0]}", int(codes[0].value)
             )
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Forget `topic_filter`'s handlers and, once connected, UNSUBSCRIBE (not waiting for the
+        UNSUBACK: a message already on its way finds no handler and is dropped)."""
+        if self.subscriptions.remove_filter(topic_filter) and self.connected:
+            self._client.unsubscribe(topic_filter)
+
     def _on_subscribe(self, mid: int, codes: list[Any]) -> None:
         if not self._subacks.on_suback(mid, codes) and any(code.is_failure for code in codes):
             log.error("broker refused a subscription on reconnect: %s", codes)

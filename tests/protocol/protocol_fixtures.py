@@ -20,6 +20,7 @@ from sfprompt.protocol.messages import (
     Task,
     Update,
 )
+from sfprompt.protocol.pool_messages import WorkerAssignment, WorkerPresence
 
 
 def sample_messages(encoding: str = "fp32", seed: int = 0) -> list[Message]:
@@ -61,6 +62,10 @@ def sample_messages(encoding: str = "fp32", seed: int = 0) -> list[Message]:
         ),
         Presence(msg_id="m-presence", online=True, since=1.7e9, **env),
         ServerStatus(msg_id="m-status", device_id="*", round=3, state="training", devices_online=2),
+        WorkerPresence(
+            msg_id="m-worker", device_id="gpu-1", online=True, capacity=2.0, accelerator="cuda"
+        ),
+        WorkerAssignment(msg_id="m-assign", device_id="gpu-1", round=3, devices=("cam-01", "pi-2")),
     ]
 
 

@@ -28,6 +28,7 @@ from sfprompt.protocol.messages import (
     Smashed,
 )
 from sfprompt.protocol.mqtt_client import MqttClient
+from sfprompt.protocol.pool_messages import WorkerAssignment, WorkerPresence
 from sfprompt.protocol.topics import DOWN_KINDS, UP_KINDS, Topics
 from tests.helpers import wait_for
 
@@ -40,6 +41,10 @@ def _topic_for(message: Message) -> str:
         return T.presence(message.device_id)
     if isinstance(message, ServerStatus):
         return T.server_status()
+    if isinstance(message, WorkerPresence):
+        return T.worker_presence(message.device_id)
+    if isinstance(message, WorkerAssignment):
+        return T.worker_assignment(message.device_id)
     if message.kind in UP_KINDS:
         return T.up(message.device_id, message.kind)
     assert message.kind in DOWN_KINDS
