@@ -43,6 +43,9 @@ def main(ctx: click.Context, **values: Any) -> None:
       sfprompt-sim --clients 5,10,20,50 --rounds 5
     SFPrompt per encoding of activations (UP/DOWN for a pair), against fp32:
       sfprompt-sim --methods sfprompt --encodings fp32,fp16,bf16,int8,int8/fp16
+    The leakage audit: attacks on one device's h and dL/dz under each defense setting:
+      sfprompt-sim --data digits --seeds 1 --partitions iid --rounds 3 --no-ceilings \\
+          --methods sfprompt --audit
     CIFAR-10 with a pre-trained ViT-Base, where the network allows:
       sfprompt-sim --data cifar10 --root ~/data --download \\
           --model vit_base_patch16_224 --pretrained --clients 10 --rounds 20
@@ -71,8 +74,13 @@ def main(ctx: click.Context, **values: Any) -> None:
     print_comparison(comparison_rows(outcome.runs), outcome.ceilings, console)
     if outcome.encodings:
         print_encodings(outcome.encodings, console)
+    if outcome.audit:
+        from .audit_report import print_audit
+
+        print_audit(outcome.audit, console)
     folder = outcome.report_dir
     more = f", {folder / 'encodings.md'}" if outcome.encodings else ""
+    more += f", {folder / 'audit.md'}" if outcome.audit else ""
     console.print(
         f"report: {folder / 'comparison.md'}{more} and {folder / 'summary.md'} "
         f"({time.perf_counter() - start:.0f} s)"

@@ -15,6 +15,7 @@ from sfprompt.export.config import parse_model_args
 from sfprompt.options import opt
 from sfprompt.protocol.messages import PRUNE_MODES
 
+from .audit_settings import DEFAULT_ACCURACY, DEFAULT_SETTINGS, check_specs
 from .encodings import Setting
 from .results import METHODS
 
@@ -176,6 +177,55 @@ class SimConfig:
         default=RoundConfig.server_lr,
         metadata=opt("eta_g: new = old + eta_g * weighted mean(client - old)."),
     )
+    # Devices' defenses in the split federations (sfprompt, its ablations, sfl_linear), as
+    # serve's --defense-* flags; SFL and the FL baselines run without them.
+    defense_clip: float | None = field(
+        default=RoundConfig.defense_clip,
+        metadata=opt("C: each device scales each sample's h to L2 norm <= C. Default: off."),
+    )
+    defense_noise: float = field(
+        default=RoundConfig.defense_noise,
+        metadata=opt("sigma: N(0, (sigma C)^2) on every value of the clipped h."),
+    )
+    defense_grad_noise: float = field(
+        default=RoundConfig.defense_grad_noise,
+        metadata=opt("Noise on dL/dz, in units of the batch's largest row norm."),
+    )
+    defense_grad_max_norm: bool = field(
+        default=RoundConfig.defense_grad_max_norm,
+        metadata=opt("Li et al.'s max-norm noise on dL/dz."),
+    )
+    # The leakage audit (sim/audit.py): attacks on what one device sends, per defense setting.
+    audit: bool = field(
+        default=False,
+        metadata=opt(
+            "Also audit leakage: invert h (optimisation, learned decoder) and infer labels from "
+            "dL/dz for each --audit-settings; writes audit.md / .json / .csv / .png."
+        ),
+    )
+    audit_settings: tuple[str, ...] = field(
+        default=DEFAULT_SETTINGS,
+        metadata=opt(
+            "Defense settings to attack: parts none, clip, clip=C, noise=SIGMA, grad-noise=K, "
+            "max-norm joined by '+' (clip alone: C just above every public h's norm).",
+            comma_list=True,
+            metavar="SPEC,...",
+        ),
+    )
+    audit_accuracy: tuple[str, ...] = field(
+        default=DEFAULT_ACCURACY,
+        metadata=opt(
+            "Audit settings that also get an SFPrompt federation, for accuracy and bytes "
+            "(about a minute each on digits).",
+            comma_list=True,
+            metavar="SPEC,...",
+        ),
+    )
+    audit_images: int = field(default=32, metadata=opt("Device images the audit attacks."))
+    audit_steps: int = field(default=150, metadata=opt("Adam steps of the inversion of h."))
+    audit_decoder_epochs: int = field(
+        default=15, metadata=opt("Epochs of the decoder trained on public images.")
+    )
     uplink_mbps: float = field(
         default=12.0,
         metadata=opt(
@@ -207,3 +257,20 @@ class SimConfig:
             raise ValueError(f"unknown method(s) {', '.join(sorted(unknown))}")
         for setting in self.encodings:
             Setting.parse(setting)  # raises ValueError naming a bad one
+        RoundConfig(  # raises ValueError naming a bad defense setting
+            defense_clip=self.defense_clip,
+            defense_noise=self.defense_noise,
+            defense_grad_noise=self.defense_grad_noise,
+            defense_grad_max_norm=self.defense_grad_max_norm,
+        )
+        if self.audit:
+            self._check_audit()
+
+    def _check_audit(self) -> None:
+        if self.audit_images < 1 or self.audit_steps < 1 or self.audit_decoder_epochs < 0:
+            raise ValueError(
+                "--audit-images and --audit-steps must be >= 1, --audit-decoder-epochs >= 0"
+            )
+        check_specs(self.audit_settings, self.audit_accuracy)  # raises naming a bad spec
+        if not any(m.startswith("sfprompt") for m in self.methods) and not self.encodings:
+            raise ValueError("--audit attacks SFPrompt's traffic: add sfprompt to --methods")

@@ -35,6 +35,7 @@ class SimOutcome:
     ceilings: list  # sim/ceilings.Ceiling
     report_dir: Path
     encodings: list[EncodingRow] = field(default_factory=list)  # with --encodings
+    audit: list = field(default_factory=list)  # sim/audit.AuditRow, with --audit
 
 
 def run_simulation(cfg: SimConfig, say: Progress = print) -> SimOutcome:
@@ -70,6 +71,10 @@ def run_simulation(cfg: SimConfig, say: Progress = print) -> SimOutcome:
         batch_size=cfg.batch_size,
         server_lr=cfg.server_lr,
         seed=cfg.seed,
+        defense_clip=cfg.defense_clip,
+        defense_noise=cfg.defense_noise,
+        defense_grad_noise=cfg.defense_grad_noise,
+        defense_grad_max_norm=cfg.defense_grad_max_norm,
     )
     baseline_cfg = baselines.BaselineConfig(
         rounds=cfg.rounds,
@@ -156,13 +161,25 @@ def run_simulation(cfg: SimConfig, say: Progress = print) -> SimOutcome:
     features.insert(0, baselines.untuned_features(build_model, preprocess, test_pair, cut))
     primary = primary_run[0].results
     settings = {k: str(v) for k, v in asdict(cfg).items()}
+    audit_rows, audit_section, audit_files = [], "", []
+    if cfg.audit:  # what a curious server learns from SFPrompt's traffic, per defense
+        from .audit import audit_simulation
+        from .audit_report import markdown, write_audit
+
+        labels = data.train_labels
+        parts = partition_for(cfg.partitions[0], labels, cfg.clients[0], cfg.alpha, cfg.seed)
+        server_dir = bundles["prompt"].server_dir
+        audit = audit_simulation(cfg, data, server_dir, base, run_split, parts, out, say)
+        audit_rows, audit_section = audit.rows, markdown(audit, level=2)
+        audit_files = write_audit(out / "report", audit)
     written = report.write_report(
-        out / "report", primary, features, sweep if len(cfg.clients) > 1 else None, settings
-    )
+        out / "report", primary, features, sweep if len(cfg.clients) > 1 else None, settings,
+        sections=[audit_section] if audit_section else [], extra_files=audit_files,
+    )  # fmt: skip
     folder = Path(written.files[0]).parent if written.files else out / "report"
     rows, section = report_encodings(folder, encoding_runs, settings_swept, say)
     comparison.write_comparison(folder, primary_run, ceilings, settings, section)
-    return SimOutcome(primary, primary_run, ceilings, folder, rows)
+    return SimOutcome(primary, primary_run, ceilings, folder, rows, audit_rows)
 
 
 def encoding_settings(rounds: RoundConfig, setting: Setting) -> RoundConfig:

@@ -244,9 +244,13 @@ def _provenance(results: Sequence[MethodResult]) -> list[str]:
 
 
 def summary_markdown(
-    results: Sequence[MethodResult], settings: dict[str, Any] | None, files: Sequence[Path]
+    results: Sequence[MethodResult],
+    settings: dict[str, Any] | None,
+    files: Sequence[Path],
+    sections: Sequence[str] = (),
 ) -> str:
-    """The text of summary.md: table, findings, what is measured vs estimated, settings."""
+    """The text of summary.md: table, findings, `sections` (Markdown from other stages, such as
+    the leakage audit's), what is measured vs estimated, settings."""
     rows = summary_table(results)
     clients = sorted({r.clients for r in results})
     rounds = sorted({len(r.rounds) for r in results})
@@ -265,6 +269,7 @@ def summary_markdown(
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
     lines += ["", "\\* estimated, not measured (RoundRecord.measured says so in some round).", ""]
     lines += ["## Findings", ""] + [f"- {s}" for s in findings(results, rows)] + [""]
+    lines += [section.rstrip("\n") + "\n" for section in sections]
     lines += [
         "## Measured and estimated",
         "",
@@ -322,10 +327,13 @@ def write_report(
     features: Sequence[Features] = (),
     sweep: dict[int, list[MethodResult]] | None = None,
     settings: dict[str, Any] | None = None,
+    sections: Sequence[str] = (),
+    extra_files: Sequence[Path] = (),
 ) -> Report:
     """Write results.json, metrics.csv, the plots and summary.md into `out` (created if needed).
 
-    clients_sweep.png only when `sweep` is given, tsne.png only when `features` are.
+    clients_sweep.png only when `sweep` is given, tsne.png only when `features` are. `sections`
+    go into summary.md after the findings; `extra_files`, already written, are listed with it.
     Raises ValueError for results the summary cannot compare (see `summary_table`).
     """
 
@@ -345,7 +353,8 @@ def write_report(
         files.append(plot_clients_sweep(sweep, out / "clients_sweep.png"))
     if features:
         files.append(tsne_panels(list(features), out / "tsne.png"))
+    files += list(extra_files)
     files.append(out / "summary.md")
-    text = summary_markdown(results, settings, files)
+    text = summary_markdown(results, settings, files, sections)
     (out / "summary.md").write_text(text)
     return Report(text, files)

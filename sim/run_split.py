@@ -29,6 +29,7 @@ from sfprompt.cloud_server.config import BrokerSettings, ModelSource, ServeConfi
 from sfprompt.cloud_server.metrics import MetricsLog
 from sfprompt.cloud_server.rounds import RoundConfig
 from sfprompt.edge_client.config import EdgeConfig
+from sfprompt.edge_client.defenses import Defense
 from sfprompt.export.split_vit import Cut
 from sfprompt.options import Verbosity, write_config
 from sfprompt.protocol.broker import EmbeddedBroker
@@ -208,6 +209,9 @@ def _result(
     result.notes.append(
         "bytes measured on the wire (MQTT payloads); memory is each device's peak RSS"
     )
+    defense = Defense.from_settings(s.settings(deadline=0.0))
+    if defense.active:
+        result.notes.append(f"devices' defense: {defense.describe()}")
     for line in lines:
         stats = [v for d, v in line["devices"].items() if d in line["accepted"]]
         if not stats:

@@ -1,0 +1,172 @@
+"""The leakage audit's files: audit.md, audit.json, audit.csv and audit.png (real images beside
+their reconstructions for each defense setting), and the section the report gets."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from rich.console import Console
+from rich.table import Table
+
+from .audit import AuditResult, AuditRow
+from .plots import _finish
+from .results import fmt_number
+
+COLUMNS: list[tuple[str, str]] = [
+    ("setting", "Defense setting"),
+    ("accuracy", "Test acc. (%)"),
+    ("mb_per_round", "MB/round/device"),
+    ("inversion_ssim", "Inversion SSIM"),
+    ("inversion_psnr", "Inversion PSNR (dB)"),
+    ("decoder_ssim", "Decoder SSIM"),
+    ("decoder_psnr", "Decoder PSNR (dB)"),
+    ("label_accuracy", "Labels from dL/dz"),
+    ("tail_accuracy", "Labels from z (tail)"),
+]
+
+
+def _cell(row: AuditRow, key: str) -> str:
+    value = getattr(row, key)
+    if key == "setting":
+        return f"`{value}`"
+    if value is None:
+        return "not run"
+    if key == "accuracy":
+        return f"{100 * value:.1f}"
+    if key.endswith("ssim") or key.endswith("accuracy"):
+        return f"{value:.3f}" if key.endswith("ssim") else f"{value:.2f}"
+    return fmt_number(value)
+
+
+def table(rows: list[AuditRow]) -> list[str]:
+    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |"]
+    lines.append("|" + "|".join([":---"] + ["---:"] * (len(COLUMNS) - 1)) + "|")
+    lines += ["| " + " | ".join(_cell(r, k) for k, _ in COLUMNS) + " |" for r in rows]
+    return lines
+
+
+def print_audit(rows: list[AuditRow], console: Console) -> None:
+    """The audit's table on the console (the columns of audit.md)."""
+    table = Table(title="Leakage audit: what the server recovers, per defense setting")
+    for index, (_, header) in enumerate(COLUMNS):
+        table.add_column(header, justify="left" if index == 0 else "right")
+    for row in rows:
+        table.add_row(*(_cell(row, key).strip("`") for key, _ in COLUMNS))
+    console.print(table)
+
+
+def findings(result: AuditResult) -> list[str]:
+    """The acceptance questions, answered from the rows."""
+    rows = {r.setting: r for r in result.rows}
+    plain = next((r for r in result.rows if r.defense == "none"), None)
+    if plain is None:
+        return ["No undefended setting was audited, so there is no baseline to compare with."]
+    out = [
+        f"Without a defense the inversion recovers the device's images at SSIM "
+        f"{plain.inversion_ssim:.3f} (PSNR {fmt_number(plain.inversion_psnr)} dB), the decoder at "
+        f"{plain.decoder_ssim:.3f}; dL/dz gives {plain.label_accuracy:.2f} of the labels "
+        f"(chance {plain.chance:.2f}), the tail alone {plain.tail_accuracy:.2f}."
+    ]
+    best = max(plain.inversion_ssim, plain.decoder_ssim)
+    for row in rows.values():
+        strongest = max(row.inversion_ssim, row.decoder_ssim)
+        halved = strongest <= best / 2
+        near_chance = row.label_accuracy <= row.chance + 0.1
+        if halved and near_chance:
+            cost = (
+                f"test accuracy {100 * row.accuracy:.1f}% against "
+                f"{100 * plain.accuracy:.1f}% undefended"
+                if row.accuracy is not None and plain.accuracy is not None
+                else "accuracy not measured (not in --audit-accuracy)"
+            )
+            out.append(
+                f"`{row.setting}` halves the best attack's SSIM ({strongest:.3f} against "
+                f"{best:.3f}) and leaves dL/dz at {row.label_accuracy:.2f} of the labels: {cost}."
+            )
+    if len(out) == 1:
+        out.append("No setting both halved the best SSIM and brought dL/dz to near chance.")
+    return out
+
+
+def markdown(result: AuditResult, level: int = 1) -> str:
+    """audit.md's text; `level` 2 for the section inside the report."""
+    mark = "#" * level
+    lines = [
+        f"{mark} Leakage audit",
+        "",
+        f"What a curious server recovers from what one device sends ({len(result.images)} of "
+        f"the images shown in audit.png), per defense setting. The server knows the public head, "
+        f"the prompt and tail ({result.params_from}), the settings, and z = body(h). "
+        f"Inversion: Adam on the image from noise until head(x) (clipped as the devices clip) "
+        f"matches the h sent, with a total-variation prior. Decoder: a small network trained on "
+        f"{result.public_images} public images (the server's test set and pre-training classes) "
+        f"through the same defense, applied to the h sent. SSIM (Wang et al. 2004) and PSNR "
+        f"against the real images, on grey values in [0, 1]. Labels: for each candidate, the dL/dz "
+        f"the device would send; the nearest wins. 'Labels from z' is what the tail predicts "
+        f"without any gradient, which no defense on dL/dz hides. Clip alone uses C = "
+        f"{result.clip_bound:g}, just above every public h's norm. Test accuracy and bytes come "
+        f"from a federation with that defense where one ran ('not run' otherwise).",
+        "",
+        *table(result.rows),
+        "",
+        *[f"- {s}" for s in findings(result)],
+        "",
+        "Each setting's defense, as the devices apply it:",
+        "",
+        *[f"- `{r.setting}`: {r.defense}" for r in result.rows],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_reconstructions(result: AuditResult, path: Path) -> Path:
+    """Real images in the top row; below, per setting, the inversion's and the decoder's."""
+    shown = len(result.images)
+    rows = 1 + 2 * len(result.rows)
+    fig = Figure(figsize=(1.1 * shown + 2.6, 1.1 * rows), layout="constrained")
+    axes = fig.subplots(rows, shown, squeeze=False)
+    panels = [("real", result.images)]
+    for row in result.rows:
+        panels.append((f"{row.setting}\ninversion", result.inversions[row.setting]))
+        panels.append((f"{row.setting}\ndecoder", result.decodings[row.setting]))
+    for (label, images), line in zip(panels, axes, strict=True):
+        for ax, image in zip(line, images, strict=False):
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+        for ax in line:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        line[0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle("What the server reconstructs from h, per defense setting")
+    return _finish(fig, path, legend=False)
+
+
+def write_audit(folder: Path, result: AuditResult) -> list[Path]:
+    """audit.md, audit.json, audit.csv and audit.png in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    md = folder / "audit.md"
+    md.write_text(markdown(result))
+    data = {
+        "rows": [_json_row(r) for r in result.rows],
+        "clip_bound": result.clip_bound,
+        "params_from": result.params_from,
+        "public_images": result.public_images,
+    }
+    js = folder / "audit.json"
+    js.write_text(json.dumps(data, indent=1))
+    table_path = folder / "audit.csv"
+    with table_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(AuditRow)])
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in result.rows)
+    return [md, js, table_path, plot_reconstructions(result, folder / "audit.png")]
+
+
+def _json_row(row: AuditRow) -> dict:
+    """A row with inf (a perfect PSNR) written as a string, which JSON can hold."""
+    values = asdict(row)
+    return {k: "inf" if isinstance(v, float) and math.isinf(v) else v for k, v in values.items()}
