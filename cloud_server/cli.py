@@ -6,6 +6,7 @@ Every option is a field of the command's config dataclass (`ServeConfig`, `Worke
 
 from __future__ import annotations
 
+import math
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -87,11 +88,20 @@ def worker(ctx: click.Context, **values: Any) -> None:
     """Serve only the body, to this worker's share of the devices (scale-out on a GPU fleet).
 
     \b
-    Start the server without a body, then one worker per GPU:
-      sfprompt-cloud serve --bundle b/server --broker mqtt://broker:1883 --body-workers 2
+    Elastic pool: workers join and leave at any time; each round's devices
+    are spread over the live ones by --capacity, and a dead worker's devices
+    move to the others mid-round:
+      sfprompt-cloud serve --bundle b/server --broker mqtt://broker:1883 \\
+          --worker-pool elastic
       CUDA_VISIBLE_DEVICES=0 sfprompt-cloud worker --bundle b/server \\
-          --broker mqtt://broker:1883 --index 0 --of 2
-      CUDA_VISIBLE_DEVICES=1 sfprompt-cloud worker ... --index 1 --of 2
+          --broker mqtt://broker:1883 --id gpu0
+      CUDA_VISIBLE_DEVICES=1 sfprompt-cloud worker ... --id gpu1 --capacity 2
+
+    \b
+    Static pool: a fixed N, worker i serving the devices hashed to it:
+      sfprompt-cloud serve --bundle b/server --broker mqtt://broker:1883 --body-workers 2
+      sfprompt-cloud worker ... --index 0 --of 2
+      sfprompt-cloud worker ... --index 1 --of 2
     """
     from sfprompt.protocol.bundle import BundleError
     from sfprompt.protocol.errors import TransportError
@@ -100,12 +110,25 @@ def worker(ctx: click.Context, **values: Any) -> None:
 
     cfg, verbosity = configs_from(ctx, values, WorkerConfig, Verbosity)
     setup_logging(verbosity.verbose, verbosity.quiet)
-    if not 0 <= cfg.index < cfg.workers:
-        raise click.UsageError("--index must be in [0, --of)")
+    check_pool_flags(cfg)
     try:
         run_worker(cfg)
     except (BundleError, TransportError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def check_pool_flags(cfg: WorkerConfig) -> None:
+    """Refuse flags of both pools at once, or a place outside the static pool."""
+    if cfg.worker_id is not None:
+        if (cfg.index, cfg.workers) != (0, 1):
+            raise click.UsageError(
+                "--id joins serve's elastic pool; --index/--of place a worker in the static "
+                "one: give one or the other"
+            )
+        if not (math.isfinite(cfg.capacity) and cfg.capacity > 0):
+            raise click.UsageError(f"--capacity must be a finite number > 0, not {cfg.capacity}")
+    elif not 0 <= cfg.index < cfg.workers:
+        raise click.UsageError("--index must be in [0, --of)")
 
 
 @main.command("broker-config")

@@ -107,8 +107,9 @@ class EdgeConfig:
     step_delay_s: float = field(
         default=0.0,
         metadata=opt(
-            "For tests and demos: wait this long before every training batch, to play a slow "
-            "device (a straggler).",
+            "For tests and demos: wait this long in every training batch, to play a slow "
+            "device (a straggler); in a split batch the wait falls between the body's output "
+            "and the gradient sent back, where a device computes its tail.",
             flag="--step-delay",
         ),
     )

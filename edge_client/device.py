@@ -267,11 +267,14 @@ class EdgeDevice:
         params = {k: np.array(v, dtype=np.float32) for k, v in task.params.items()}
 
         def should_stop() -> bool:  # asked before every batch of both phases
-            if self.cfg.step_delay_s > 0:  # --step-delay: a slower device, for tests
-                self.stop.wait(self.cfg.step_delay_s)
             if self.stop.is_set() or self.server_done.is_set() or not self.tasks.empty():
                 return True  # asked to stop, the federation is over, or a newer task came
             return time.time() > settings.deadline
+
+        def should_stop_slowly() -> bool:  # --step-delay in the local phase, for tests
+            if self.cfg.step_delay_s > 0:
+                self.stop.wait(self.cfg.step_delay_s)
+            return should_stop()
 
         log.info(
             "round %d started: %d local samples, keeping %.0f%% by EL2N",
@@ -294,6 +297,7 @@ class EdgeDevice:
             self.cfg.request_timeout_s,
             self.cfg.attempts,
             defense=defense,
+            tail_delay_s=self.cfg.step_delay_s,
         )
         cfg = self.cfg
         with MemoryProfiler(interval_s=0.02) as profiler:
@@ -305,7 +309,7 @@ class EdgeDevice:
                     settings,
                     Sgd(settings.local_lr, cfg.momentum, cfg.weight_decay),
                     self.rng,
-                    should_stop,
+                    should_stop_slowly,
                 )
             with profiler.phase("split_train"):
                 split = split_train(

@@ -49,6 +49,7 @@ class SplitLink:
         busy_wait_s: float = 60.0,
         defense: Defense = NO_DEFENSE,
         noise: np.random.Generator | None = None,
+        tail_delay_s: float = 0.0,
     ) -> None:
         self.client = client
         self.device_id = device_id
@@ -60,6 +61,7 @@ class SplitLink:
         self.defense = defense
         # Unseeded: noise the server could replay from a known seed would protect nothing.
         self.noise = noise if noise is not None else np.random.default_rng()
+        self.tail_delay_s = tail_delay_s  # --step-delay: a slow device's tail, for tests
         self.step = 0
         self._clip: ClipTape | None = None  # the last forward's, until its backward
         self._sent: Smashed | None = None  # the last forward's SMASHED, to redo a lost step
@@ -84,6 +86,8 @@ class SplitLink:
     def backward(self, grad_z: np.ndarray) -> np.ndarray:
         """Send dL/dz for the last forward (noised as the defense says); returns dL/dh
         (B, T, D) with respect to the h given to `forward`."""
+        if self.tail_delay_s > 0:  # a slow device spends its step here, between z and dL/dz
+            time.sleep(self.tail_delay_s)
         sent = self.defense.protect_grad(grad_z, self.noise)
         msg = GradZ(
             device_id=self.device_id,

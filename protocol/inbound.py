@@ -69,13 +69,14 @@ class Intake:
         return Opened(payload, peek(payload, self.config.limits))
 
     def check_sender(self, topic: str, device_id: str) -> None:
-        """On a device's own topics the broker vouches for the sender: the envelope must agree.
-        Raises ProtocolError."""
+        """On a device's own topics, and a worker's presence and assignment, the broker vouches
+        for the sender (its ACL): the envelope's id must agree with the topic's. Raises
+        ProtocolError."""
         try:
             route = self.config.topics.parse(topic)
         except ValueError:
             return
-        if route.area in ("dev", "presence") and device_id != route.device_id:
+        if route.area in ("dev", "presence", "worker") and device_id != route.device_id:
             raise ProtocolError(
                 BAD_FIELD, "device_id", f"{route.device_id} (from the topic)", device_id
             )

@@ -178,3 +178,22 @@ def test_a_written_worker_config_is_one_worker_reads(tmp_path: Path) -> None:
         click.Context(command), names, path
     )
     assert build(WorkerConfig, values) == worker
+
+
+@pytest.mark.parametrize(
+    ("flags", "refusal"),
+    [
+        (["--id", "gpu0", "--index", "1", "--of", "2"], "give one or the other"),
+        (["--id", "gpu0", "--capacity", "0"], "--capacity must be a finite number > 0"),
+        (["--id", "gpu0", "--capacity", "nan"], "--capacity must be a finite number > 0"),
+        (["--index", "2", "--of", "2"], "--index must be in [0, --of)"),
+    ],
+)
+def test_worker_refuses_flags_of_both_pools_or_a_bad_place(
+    tmp_path: Path, flags: list[str], refusal: str
+) -> None:
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(cloud, ["worker", "--bundle", str(tmp_path), *flags])
+    assert result.exit_code == 2, result.output
+    assert refusal in result.output

@@ -80,3 +80,26 @@ def test_the_worker_topics_parse_back() -> None:
     assert topics.all_worker_presence() == "sfp/v1/server/workers/+"
     with pytest.raises(ProtocolError):
         topics.worker_presence("+")
+
+
+@pytest.mark.parametrize(
+    ("topic", "sender", "refused"),
+    [
+        ("sfp/v1/server/workers/gpu-1", "gpu-1", False),
+        ("sfp/v1/server/workers/gpu-1", "gpu-2", True),  # presence in another worker's name
+        ("sfp/v1/server/assign/gpu-1", "gpu-2", True),
+        ("sfp/v1/dev/dev-a/up/smashed", "dev-b", True),
+    ],
+)
+def test_a_worker_topic_must_carry_its_own_workers_messages(
+    topic: str, sender: str, refused: bool
+) -> None:
+    from sfprompt.protocol.client_config import ClientConfig
+    from sfprompt.protocol.inbound import Intake
+
+    intake = Intake(ClientConfig("server"), publish=lambda *a, **k: None)
+    if refused:
+        with pytest.raises(ProtocolError, match="from the topic"):
+            intake.check_sender(topic, sender)
+    else:
+        intake.check_sender(topic, sender)
