@@ -375,6 +375,12 @@ class Coordinator:
         msg = inbound.message
         if isinstance(msg, Error):
             log.warning("%s reported [%s] %s", msg.device_id, msg.code, msg.text)
+            with self._lock:
+                state = self._current
+            if state is not None and msg.round == state.number:
+                # The device gave this round up (a lost step, a defense below its floor): wait
+                # no longer for it, and say why in the round's metrics.
+                state.inbox.drop(msg.device_id, f"failed on the device: [{msg.code}] {msg.text}")
         return None
 
     def _device_offline(self, device_id: str) -> None:

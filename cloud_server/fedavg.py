@@ -206,7 +206,7 @@ class RoundInbox:
         self._cond = threading.Condition()
         self._claimed: set[str] = set()  # reported, or being checked right now
         self._reported: set[str] = set()  # accepted or refused for content: final
-        self._dropped: set[str] = set()
+        self._dropped: dict[str, str] = {}  # device -> why it is no longer waited for
         self._accepted: dict[str, tuple[Params, int]] = {}
         self._norms: dict[str, float] = {}  # of each accepted update's change, for aggregation
         self._rejected: list[tuple[str, str]] = []
@@ -252,10 +252,11 @@ class RoundInbox:
             self._reported.add(device_id)
             self._cond.notify_all()
 
-    def drop(self, device_id: str) -> None:
-        """Stop waiting for a device that went offline; an update already accepted stays."""
+    def drop(self, device_id: str, why: str = "went offline") -> None:
+        """Stop waiting for a device (it went offline, or said it cannot do this round); an
+        update already accepted stays. `why` is what the round's metrics say of it."""
         with self._cond:
-            self._dropped.add(device_id)
+            self._dropped.setdefault(device_id, why)
             self._cond.notify_all()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -280,7 +281,7 @@ class RoundInbox:
     def pending(self) -> set[str]:
         """Selected devices still expected: not reported and not dropped."""
         with self._cond:
-            return set(self.selected - self._reported - self._dropped)
+            return set(self.selected - self._reported - self._dropped.keys())
 
     @property
     def accepted(self) -> dict[str, tuple[Params, int]]:
@@ -319,14 +320,14 @@ class RoundInbox:
                 if device_id in refused and device_id in self._reported:
                     why = f"update rejected: {refused[device_id]}"
                 elif device_id in self._dropped:
-                    why = "went offline"
+                    why = self._dropped[device_id]
                 else:
                     why = "no update before the round's deadline"
                 out.append((device_id, why))
             return out
 
     def _complete(self) -> bool:
-        return self.selected - self._dropped <= self._reported
+        return self.selected - self._dropped.keys() <= self._reported
 
     def _refuse(self, device_id: str, reason: str, message: str) -> NoReturn:
         self._rejected.append((device_id, reason))

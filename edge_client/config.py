@@ -13,6 +13,7 @@ from typing import Any
 from sfprompt.broker_login import BrokerLogin
 from sfprompt.options import internal, opt
 
+from .defenses import DefenseFloor
 from .runtime import RUNTIMES
 
 
@@ -113,3 +114,26 @@ class EdgeConfig:
             flag="--step-delay",
         ),
     )
+    # The least defense against a curious server this device accepts (edge_client/defenses.py):
+    # a round whose TASK asks for less is sat out and the server told why.
+    require_noise: float = field(
+        default=0.0,
+        metadata=opt(
+            "Sit out rounds whose TASK adds less noise than this to h (sigma, as serve's "
+            "--defense-noise; 0: accept any). The server chooses the defense; this is the "
+            "device's own floor against one that asks for none."
+        ),
+    )
+    require_grad_noise: float = field(
+        default=0.0,
+        metadata=opt("Sit out rounds whose TASK adds less noise than this to dL/dz (K)."),
+    )
+    require_grad_max_norm: bool = field(
+        default=False, metadata=opt("Sit out rounds whose TASK has no max-norm noise on dL/dz.")
+    )
+
+    def __post_init__(self) -> None:
+        self.defense_floor()  # raises ValueError naming a bad --require-* value
+
+    def defense_floor(self) -> DefenseFloor:
+        return DefenseFloor(self.require_noise, self.require_grad_noise, self.require_grad_max_norm)

@@ -12,7 +12,9 @@ Split training sends h, close to the image, and dL/dz, close to the label (docs/
   counts: the server knows z and the tail, so it can compute dL/dz for every candidate label.
 
 The noise must be secret: the device draws it from OS entropy (`SplitLink`), never from its
-`--seed`, which a server may know or guess.
+`--seed`, which a server may know or guess. The TASK chooses the defense, so a malicious server
+can ask for none: `DefenseFloor` (`sfprompt-edge start --require-noise` ...) is the least a
+device accepts, and it sits out a round whose TASK asks for less.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sfprompt.protocol.errors import BAD_FIELD, ProtocolError
 from sfprompt.protocol.messages import PhaseSettings
 
 DELTA = 1e-5
@@ -182,3 +185,36 @@ class Defense:
 
 
 NO_DEFENSE = Defense()
+
+
+@dataclass(frozen=True)
+class DefenseFloor:
+    """The least defense this device accepts from a TASK; the default accepts any."""
+
+    noise: float = 0.0  # sigma on h at least this (so a clip bound too)
+    grad_noise: float = 0.0  # dL/dz noise at least this
+    grad_max_norm: bool = False  # max-norm noise on dL/dz required
+
+    def __post_init__(self) -> None:
+        _check_scale(self.noise, "--require-noise")
+        _check_scale(self.grad_noise, "--require-grad-noise")
+
+    def shortfalls(self, defense: Defense) -> list[str]:
+        """What `defense` lacks against this floor, one requirement each (empty: enough)."""
+        missing = []
+        if self.noise and (defense.clip is None or defense.noise < self.noise):
+            missing.append(f"h clipped and noised at sigma >= {self.noise:g}")
+        if defense.grad_noise < self.grad_noise:
+            missing.append(f"dL/dz noise >= {self.grad_noise:g}")
+        if self.grad_max_norm and not defense.grad_max_norm:
+            missing.append("max-norm noise on dL/dz")
+        return missing
+
+
+def refuse_a_weaker_defense(defense: Defense, floor: DefenseFloor) -> None:
+    """Raise ProtocolError naming what the TASK's `defense` lacks against this device's `floor`:
+    the round fails on the device before anything is sent, and the server hears why."""
+    missing = floor.shortfalls(defense)
+    if missing:
+        need = "at least this device's floor (--require-*): " + ", ".join(missing)
+        raise ProtocolError(BAD_FIELD, "defense", need, defense.describe())

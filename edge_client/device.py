@@ -37,7 +37,7 @@ from sfprompt.protocol.mqtt_client import MqttClient
 from sfprompt.units import MB
 
 from .config import EdgeConfig
-from .defenses import Defense
+from .defenses import Defense, refuse_a_weaker_defense
 from .hardware import hardware_profile, runtime_versions
 from .memory import MemoryProfiler
 from .optimizer import Sgd
@@ -283,6 +283,7 @@ class EdgeDevice:
             100 * settings.keep_ratio,
         )
         defense = Defense.from_settings(settings)
+        refuse_a_weaker_defense(defense, self.cfg.defense_floor())
         if defense.active:
             log.info(
                 "round %d: defense against a curious server: %s", task.round, defense.describe()

@@ -104,9 +104,13 @@ def options_from(
 
 
 def configs_from(ctx: click.Context, values: dict[str, Any], *configs: type) -> tuple[Any, ...]:
-    """The dataclasses `configs`, built from a command's parsed values and its --config FILE."""
+    """The dataclasses `configs`, built from a command's parsed values and its --config FILE;
+    a combination a dataclass refuses (ValueError) is a usage error that names it."""
     merged = merged_values(ctx, values)
-    return tuple(build(config, merged) for config in configs)
+    try:
+        return tuple(build(config, merged) for config in configs)
+    except ValueError as exc:
+        raise click.UsageError(str(exc), ctx) from exc
 
 
 def merged_values(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:

@@ -197,3 +197,14 @@ def test_worker_refuses_flags_of_both_pools_or_a_bad_place(
     result = CliRunner().invoke(cloud, ["worker", "--bundle", str(tmp_path), *flags])
     assert result.exit_code == 2, result.output
     assert refusal in result.output
+
+
+def test_a_combination_a_config_refuses_is_a_usage_error_naming_it(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from sfprompt.edge_client.cli import main as edge
+
+    args = ["start", "--bundle", str(tmp_path), "--data", str(tmp_path), "--device-id", "d"]
+    result = CliRunner().invoke(edge, [*args, "--require-noise", "-1"])
+    assert result.exit_code == 2, result.output
+    assert "--require-noise must be a finite number >= 0" in result.output

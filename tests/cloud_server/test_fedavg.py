@@ -246,6 +246,16 @@ def test_inbox_drop_ends_the_wait_and_keeps_accepted_updates() -> None:
     dropper.join()
     assert set(inbox.accepted) == {"a", "c"}
     assert inbox.pending == set()
+    assert inbox.missing() == [("b", "went offline")]
+
+
+def test_inbox_drop_says_why_a_device_gave_the_round_up() -> None:
+    inbox = _inbox({"a", "b"}, seconds=30.0)
+    inbox.drop("b", "failed on the device: [bad_field] defense below its floor")
+    inbox.drop("b", "went offline")  # the first reason stays
+    inbox.offer("a", 3, _good(), 1)
+    assert inbox.wait() is True
+    assert inbox.missing() == [("b", "failed on the device: [bad_field] defense below its floor")]
 
 
 def test_inbox_refused_content_counts_as_reported() -> None:

@@ -11,13 +11,16 @@ import pytest
 from sfprompt.edge_client.defenses import (
     NO_DEFENSE,
     Defense,
+    DefenseFloor,
     add_gaussian,
     classic_epsilon,
     clip_rows,
     max_norm_noise,
+    refuse_a_weaker_defense,
     relative_noise,
     row_norms,
 )
+from sfprompt.protocol.errors import ProtocolError
 from sfprompt.protocol.messages import PhaseSettings
 
 
@@ -159,3 +162,34 @@ def test_the_defense_comes_from_the_task_settings_and_describes_itself() -> None
     assert "no epsilon" in Defense(clip=1.0, noise=1.0).describe()
     with pytest.raises(ValueError, match="clip bound"):
         Defense(noise=1.0).protect_h(_h([1.0]), np.random.default_rng(0))
+
+
+@pytest.mark.parametrize(
+    ("defense", "missing"),
+    [
+        (Defense(), ["sigma >= 0.1", "dL/dz noise >= 16", "max-norm"]),
+        (Defense(clip=1.0, noise=0.05, grad_noise=16, grad_max_norm=True), ["sigma >= 0.1"]),
+        (Defense(clip=1.0, noise=0.1, grad_noise=8, grad_max_norm=True), ["dL/dz noise >= 16"]),
+        (Defense(clip=2.0, noise=0.3, grad_noise=32, grad_max_norm=True), []),
+    ],
+)
+def test_the_device_floor_names_what_a_tasks_defense_lacks(
+    defense: Defense, missing: list[str]
+) -> None:
+    floor = DefenseFloor(noise=0.1, grad_noise=16, grad_max_norm=True)
+    found = floor.shortfalls(defense)
+    assert len(found) == len(missing)
+    assert all(m in f for m, f in zip(missing, found))
+    if missing:
+        with pytest.raises(ProtocolError, match="--require-"):
+            refuse_a_weaker_defense(defense, floor)
+    else:
+        refuse_a_weaker_defense(defense, floor)
+    assert DefenseFloor().shortfalls(Defense()) == []
+
+
+def test_a_bad_floor_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="--require-noise"):
+        DefenseFloor(noise=-1.0)
+    with pytest.raises(ValueError, match="--require-grad-noise"):
+        DefenseFloor(grad_noise=float("nan"))

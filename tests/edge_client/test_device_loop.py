@@ -9,6 +9,7 @@ when the server restarts, and leave on the round limit, the server's end or a st
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -320,3 +321,25 @@ def test_a_busy_join_is_retried(start) -> None:
     wait_for(lambda: len(client.joins) == 2, 30, "the JOIN sent again")
     running.stop.set()
     assert running.finish() == 0
+
+
+def test_a_task_weaker_than_the_devices_floor_is_sat_out_and_the_server_told(
+    start, small_export
+) -> None:
+    """A server that asks for no defense gets nothing from a device that requires one: no h
+    leaves it, the ERROR says what was missing, and a TASK that meets the floor is trained."""
+    running = start(max_rounds=1, require_noise=0.05, require_grad_noise=8.0)
+    client = running.client
+    client.task(make_task(small_export, round=1))
+    wait_for(lambda: client.sent(Error), 60, "the device's ERROR for round 1")
+    (error,) = client.sent(Error)
+    assert (error.round, error.code) == (1, "bad_field")
+    assert "sigma >= 0.05" in error.text and "dL/dz noise >= 8" in error.text
+    assert not client.sent(Smashed) and not client.sent(Update)
+    task = make_task(small_export, round=2)
+    defended = dataclasses.replace(
+        task.settings, defense_clip=50.0, defense_noise=0.05, defense_grad_noise=8.0
+    )
+    client.task(dataclasses.replace(task, settings=defended))
+    assert running.finish() == 1
+    assert [u.round for u in client.sent(Update)] == [2]
