@@ -13,6 +13,9 @@ the batcher's `max_request` samples is answered `too_large`.
 
 Replies travel in `encoding_down` (serve's `--encoding-down`), or by default in the encoding each
 request came in; every message names its own encoding, so a device decodes whichever it gets.
+
+With a `TrafficCapture` (serve/worker `--capture DIR`) every SMASHED and GRAD_Z accepted here is
+also written to disk for `sfprompt-audit`; the capture only queues the write.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from sfprompt.protocol.mqtt_client import MqttClient
 from .batcher import BatcherBusy, BodyBatcher
 from .rounds import DOWN_ENCODINGS, SAME_ENCODING
 from .step_state import StateFull, StepStore
+from .traffic_capture import TrafficCapture
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,7 @@ class BodyService:
         store: StepStore,
         owns: Callable[[str], bool] = lambda device_id: True,
         encoding_down: str = SAME_ENCODING,
+        capture: TrafficCapture | None = None,
     ) -> None:
         if encoding_down not in DOWN_ENCODINGS:
             raise ValueError(f"encoding_down: one of {DOWN_ENCODINGS}, not {encoding_down!r}")
@@ -61,6 +66,7 @@ class BodyService:
         self.store = store
         self.owns = owns
         self.encoding_down = encoding_down
+        self.capture = capture
         self._served: OrderedDict[str, None] = OrderedDict()  # for the log, bounded
         # Split messages that reached this process, by device (bounded like `_served`): what
         # per-device subscriptions save shows here.
@@ -108,6 +114,8 @@ class BodyService:
         except (BatcherBusy, ProtocolError) as exc:
             self.store.take(key)  # nothing of a refused step is kept
             return _refusal(msg, exc)
+        if self.capture is not None:
+            self.capture.smashed(msg)
         return None
 
     def _on_grad_z(self, inbound: Inbound) -> Message | None:
@@ -134,6 +142,8 @@ class BodyService:
         except (BatcherBusy, ProtocolError) as exc:
             self.store.put(key, h)  # still open: the device sends its GRAD_Z again
             return _refusal(msg, exc)
+        if self.capture is not None:
+            self.capture.grad_z(msg, h)
         return None
 
     def _note_received(self, device_id: str) -> None:

@@ -134,6 +134,32 @@ class ModelSource:
 
 
 @dataclass(frozen=True)
+class CaptureSettings:
+    """Keep the split traffic this process accepts, to audit what a curious server learns."""
+
+    capture_dir: Path | None = field(
+        default=None,
+        metadata=opt(
+            "Write every h and dL/dz the body accepts here, and (serve) each round's prompt + "
+            "tail, to this folder (safetensors), so that `sfprompt-audit DIR --bundle ...` can "
+            "show what an honest-but-curious server recovers from them: images and labels. It "
+            "holds the devices' private data in all but name: audits and tests only.",
+            flag="--capture",
+            file_okay=False,
+            metavar="DIR",
+        ),
+    )
+    capture_limit: int = field(
+        default=256,
+        metadata=opt("Most files --capture writes (one per split step, one per round's params)."),
+    )
+
+    def __post_init__(self) -> None:
+        if self.capture_limit < 1:
+            raise ValueError(f"--capture-limit must be at least 1, not {self.capture_limit}")
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """Everything `sfprompt-cloud serve` takes; `--config FILE` fills the same fields."""
 
@@ -177,6 +203,7 @@ class ServeConfig:
         default=None, metadata=opt("Serve Prometheus metrics on this port.")
     )
     progress: bool = field(default=True, metadata=opt("A progress bar (--no-progress in logs)."))
+    capture: CaptureSettings = field(default_factory=CaptureSettings)
     # with a broker user name, that name is the client id
     client_id: str = field(default="sfprompt-server", metadata=internal())
 
@@ -212,4 +239,5 @@ class WorkerConfig:
             choices=DOWN_ENCODINGS,
         ),
     )
+    capture: CaptureSettings = field(default_factory=CaptureSettings)
     state_ttl_s: float = field(default=600.0, metadata=internal())

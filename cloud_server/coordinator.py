@@ -65,6 +65,8 @@ class Coordinator:
         on_round: Callable[[RoundMetrics], None] = lambda metrics: None,
         on_device_gone: Callable[[str], None] = lambda device_id: None,
         pool: WorkerPool | None = None,  # an elastic pool of body workers (None: static or here)
+        # each TASK's round (or version), params and settings as it is built (serve --capture)
+        on_task: Callable[[int, Params, PhaseSettings], None] = lambda n, params, settings: None,
     ) -> None:
         self.client = client
         self.cfg = cfg
@@ -86,6 +88,7 @@ class Coordinator:
         self._lock = threading.Lock()
         self.on_device_gone = on_device_gone
         self.pool = pool
+        self.on_task = on_task
         self.registry.on_offline(self._device_offline)
 
     # ---- wiring ------------------------------------------------------------------------------
@@ -277,6 +280,7 @@ class Coordinator:
     ) -> list[bytes]:
         """A TASK of round (or version) `number` for `device_id` (served by body `worker`, if
         named), as it will be sent."""
+        self.on_task(number, params, settings)
         task = Task(
             device_id=device_id, round=number, params=params, settings=settings, worker=worker
         )

@@ -29,6 +29,7 @@ from .config import (
     ELASTIC_POOL,
     BodyConfig,
     BrokerSettings,
+    CaptureSettings,
     ModelSource,
     ServeConfig,
     WorkerConfig,
@@ -41,6 +42,7 @@ from .pool_member import PoolMember, offline_will
 from .progress import RoundProgress
 from .rounds import BUFFERED
 from .step_state import StepStore
+from .traffic_capture import TrafficCapture
 from .worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -131,10 +133,12 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> list[dict]:
         )
         client = MqttClient(client_cfg)
         store = StepStore(ttl_s=cfg.rounds.round_timeout_s)
+        capture = start_capture(cfg.capture, manifest.contract_hash())
         batcher = None  # with body workers, they run the body, not this process
         if cfg.body_workers == 0:
             batcher = BodyBatcher(model, cfg.body.max_batch, cfg.body.max_wait_ms / 1000).start()
-            BodyService(client, batcher, store, encoding_down=cfg.rounds.encoding_down).attach()
+            down = cfg.rounds.encoding_down
+            BodyService(client, batcher, store, encoding_down=down, capture=capture).attach()
         pool = None
         if cfg.worker_pool == ELASTIC_POOL:
             pool = WorkerPool(client, cfg.rebalance_threshold).attach()
@@ -151,6 +155,7 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> list[dict]:
             on_round=lambda m: _after_round(m, progress, exporter, coordinator),
             on_device_gone=store.drop_device,
             pool=pool,
+            on_task=capture.round_params if capture is not None else lambda *_: None,
         ).attach()
         if coordinator.resume():
             progress.resumed(coordinator.round)
@@ -162,9 +167,18 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> list[dict]:
             client.close(send_will=True)
             if batcher is not None:
                 batcher.stop()
+            if capture is not None:
+                capture.close()
             if exporter is not None:
                 exporter.close()
     return coordinator.history
+
+
+def start_capture(settings: CaptureSettings, contract_hash: str) -> TrafficCapture | None:
+    """The traffic capture `--capture DIR` asks for, started (None without it)."""
+    if settings.capture_dir is None:
+        return None
+    return TrafficCapture(Path(settings.capture_dir), settings.capture_limit, contract_hash).start()
 
 
 def _check_pool(cfg: ServeConfig) -> None:
@@ -198,15 +212,18 @@ def run_worker(cfg: WorkerConfig, stop: threading.Event | None = None) -> None:
     client = MqttClient(client_cfg)
     batcher = BodyBatcher(model, cfg.body.max_batch, cfg.body.max_wait_ms / 1000).start()
     store = StepStore(cfg.state_ttl_s)
+    capture = start_capture(cfg.capture, model.manifest.contract_hash())
     if cfg.worker_id is not None:
-        service = BodyService(client, batcher, store, encoding_down=cfg.encoding_down)
+        service = BodyService(
+            client, batcher, store, encoding_down=cfg.encoding_down, capture=capture
+        )
         member = PoolMember(client, service, cfg.worker_id, cfg.capacity, model.device.type)
         service.owns = member.owns
         member.attach()
         where = f"worker {cfg.worker_id} (elastic pool, capacity {cfg.capacity:g})"
     else:
         owns = lambda device_id: worker_of(device_id, cfg.workers) == cfg.index  # noqa: E731
-        service = BodyService(client, batcher, store, owns, cfg.encoding_down).attach()
+        service = BodyService(client, batcher, store, owns, cfg.encoding_down, capture).attach()
         where = f"body worker {cfg.index} of {cfg.workers}"
     client.connect()
     log.info("%s serving on %s", where, model.device)
@@ -215,6 +232,8 @@ def run_worker(cfg: WorkerConfig, stop: threading.Event | None = None) -> None:
     finally:
         client.close()
         batcher.stop()
+        if capture is not None:
+            capture.close()
         received = ", ".join(f"{d} {n}" for d, n in sorted(service.received.items()))
         log.info("split messages received: %s", received or "none")
 

@@ -4,10 +4,12 @@ For each defense setting (audit_settings.py) one device's images go through the 
 model as a device would send them: h = head(x, prompt), then `Defense.protect_h`; z = body(h),
 which the server computes; dL/dz of the device's batch-mean loss, then `Defense.protect_grad`.
 The server, knowing the head, prompt, tail and settings, then runs the three attacks of
-attacks.py on what was sent. Where affordable a short federation runs with the same defense for
-its accuracy and bytes. The attacks use the prompt and tail of the undefended federation's last
-round (the bundle's initial ones if it did not run): late in training, when the tail already
-predicts most labels by itself.
+attacks.py on what was sent. For the settings of --audit-accuracy a short federation runs with
+the same defense once per seed of --seeds (the same seeds, so the same partitions, for every
+setting: a paired comparison), for the mean ± std of its accuracy and its bytes. The attacks use
+the prompt and tail of the undefended federation's last round at the first seed (the bundle's
+initial ones if it did not run): late in training, when the tail already predicts most labels by
+itself.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +38,7 @@ from .config import SimConfig
 from .datasets import SimData, SimDataError, pretraining_set
 from .results import MethodResult
 
-Federate = Callable[[RoundConfig, Path], MethodResult]  # one SFPrompt federation, to its end
+Federate = Callable[[RoundConfig, Path, int], MethodResult]  # one federation at a seed, to its end
 PUBLIC_LIMIT = 2000  # public images the decoder trains on, at most
 SHOWN = 6  # images per setting in the figure
 
@@ -53,9 +55,13 @@ class AuditRow:
     decoder_psnr: float
     label_accuracy: float  # labels from dL/dz
     tail_accuracy: float  # labels the tail predicts from z alone, without any gradient
-    chance: float
-    accuracy: float | None = None  # final test accuracy of a federation with this defense
-    mb_per_round: float | None = None  # per device, up + down
+    chance: float  # 1 / classes: a uniform guess
+    majority: float  # the most common audited label's share: always guessing it scores this
+    accuracy: float | None = None  # mean final test accuracy of the seeds' federations
+    accuracy_std: float | None = None  # their sample std (ddof=1; 0 for one seed)
+    accuracy_runs: list[float] = field(default_factory=list)  # one per seed, in `seeds` order
+    seeds: list[int] = field(default_factory=list)
+    mb_per_round: float | None = None  # per device, up + down, mean over the seeds
     seconds: float = 0.0  # the attacks' wall time
 
 
@@ -259,6 +265,7 @@ def attack_setting(
         label_accuracy=float((sent.labels_guessed == labels).mean()),
         tail_accuracy=float((sent.labels_predicted == labels).mean()),
         chance=1.0 / classes,
+        majority=float(np.bincount(labels).max() / len(labels)),
         seconds=time.perf_counter() - start,
     )
     return row, rec
@@ -274,6 +281,33 @@ def with_defense(rounds: RoundConfig, defense: Defense) -> RoundConfig:
     )
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std (ddof=1, as the comparison's), std 0 for a single value."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+@dataclass
+class SeedRuns:
+    """One setting's federations, one per seed: every setting gets the same seeds."""
+
+    seeds: list[int]
+    results: list[MethodResult]
+    run_dirs: list[Path]
+
+    def fill(self, row: AuditRow) -> None:
+        """Put the seeds' accuracy (mean, std, each) and mean bytes into `row`."""
+        finals = [r.final_accuracy for r in self.results]
+        row.accuracy, row.accuracy_std = mean_std(finals)
+        row.accuracy_runs, row.seeds = finals, list(self.seeds)
+        row.mb_per_round = float(np.mean([r.bytes_per_round for r in self.results])) / MB
+
+
+def audit_seeds(cfg: SimConfig) -> list[int]:
+    """The simulation's seeds: --seed, --seed + 1, ... (--seeds of them)."""
+    return list(range(cfg.seed, cfg.seed + cfg.seeds))
+
+
 def run_federations(
     settings: list[AuditSetting],
     cfg: SimConfig,
@@ -281,17 +315,23 @@ def run_federations(
     federate: Federate,
     out: Path,
     say: Callable[[str], None],
-) -> dict[str, tuple[MethodResult, Path]]:
-    """A federation per setting in --audit-accuracy: setting -> (its result, its run folder)."""
+) -> dict[str, SeedRuns]:
+    """The federations of each setting in --audit-accuracy, one per seed of `audit_seeds`."""
     done = {}
     for setting in settings:
         if setting.name not in cfg.audit_accuracy:
             continue
-        say(f"audit: SFPrompt with defense {setting.name!r}: {setting.defense.describe()}")
-        run_dir = out / "runs" / _slug(setting.name)
-        result = federate(with_defense(base, setting.defense), run_dir)
-        say(f"  {setting.name}: final accuracy {result.final_accuracy:.3f}")
-        done[setting.name] = (result, run_dir)
+        runs = SeedRuns([], [], [])
+        for seed in audit_seeds(cfg):
+            what = f"defense {setting.name!r}: {setting.defense.describe()}"
+            say(f"audit: SFPrompt, seed {seed}, {what}")
+            run_dir = out / "runs" / _slug(setting.name) / f"seed{seed}"
+            result = federate(with_defense(base, setting.defense), run_dir, seed)
+            say(f"  {setting.name}, seed {seed}: final accuracy {result.final_accuracy:.3f}")
+            runs.seeds.append(seed)
+            runs.results.append(result)
+            runs.run_dirs.append(run_dir)
+        done[setting.name] = runs
     return done
 
 
@@ -300,14 +340,17 @@ def _slug(name: str) -> str:
 
 
 def attacked_params(
-    model: ServerModel, runs: dict[str, tuple[MethodResult, Path]], settings: list[AuditSetting]
+    model: ServerModel, runs: dict[str, SeedRuns], settings: list[AuditSetting]
 ) -> tuple[dict[str, np.ndarray], str]:
-    """The undefended federation's last global prompt and tail, or the bundle's initial ones."""
+    """The undefended federation's last global prompt and tail at the first seed (whose
+    partition holds the audited device), or the bundle's initial ones."""
     for setting in settings:
         if setting.name in runs and not setting.defense.active:
-            ckpt = load_checkpoint(runs[setting.name][1] / "server" / "checkpoint.safetensors")
+            first = runs[setting.name]
+            ckpt = load_checkpoint(first.run_dirs[0] / "server" / "checkpoint.safetensors")
             if ckpt is not None:
-                return ckpt.params, f"the {setting.name!r} federation after round {ckpt.round}"
+                where = f"the {setting.name!r} federation at seed {first.seeds[0]}"
+                return ckpt.params, f"{where} after round {ckpt.round}"
     return model.initial_parameters(), "the bundle's initial prompt and tail (round 1's TASK)"
 
 
@@ -341,8 +384,7 @@ def run_audit(
     for setting in settings:
         row, rec = attack_setting(am, setting, device, public, cfg, done)
         if setting.name in runs:
-            result = runs[setting.name][0]
-            row.accuracy, row.mb_per_round = result.final_accuracy, result.bytes_per_round / MB
+            runs[setting.name].fill(row)
         say(
             f"audit {setting.name}: inversion SSIM {row.inversion_ssim:.3f}, decoder SSIM "
             f"{row.decoder_ssim:.3f}, labels {row.label_accuracy:.2f} ({row.seconds:.0f} s)"
@@ -367,12 +409,19 @@ def audit_simulation(
     say: Callable[[str], None] = print,
 ) -> AuditResult:
     """`sfprompt-sim --audit`: the audit of the first device of `parts` (the first partition's
-    shards at the first seed); `audit_report` writes it."""
+    shards at the first seed); `audit_report` writes it. The federation at each seed gets that
+    seed's partition, as the comparison's runs do."""
     from . import partition
+    from .pipeline import partition_for
 
-    shards, test = partition.write_shards(data, parts, out / "audit" / "data")
-
-    def federate(rounds: RoundConfig, run_dir: Path) -> MethodResult:
-        return run_split("sfprompt", replace(rounds, seed=cfg.seed), shards, test, run_dir)[1]
+    def federate(rounds: RoundConfig, run_dir: Path, seed: int) -> MethodResult:
+        labels = data.train_labels
+        clients = cfg.clients[0]
+        seeded = parts if seed == cfg.seed else partition_for(
+            cfg.partitions[0], labels, clients, cfg.alpha, seed
+        )  # fmt: skip
+        folder = out / "audit" / "data" / f"seed{seed}"
+        shards, test = partition.write_shards(data, seeded, folder)
+        return run_split("sfprompt", replace(rounds, seed=seed), shards, test, run_dir)[1]
 
     return run_audit(cfg, data, server_bundle, parts[0], base, federate, out / "audit", say)

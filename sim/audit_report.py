@@ -9,6 +9,7 @@ import math
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
@@ -19,7 +20,7 @@ from .results import fmt_number
 
 COLUMNS: list[tuple[str, str]] = [
     ("setting", "Defense setting"),
-    ("accuracy", "Test acc. (%)"),
+    ("accuracy", "Test acc. (%), mean ± std"),
     ("mb_per_round", "MB/round/device"),
     ("inversion_ssim", "Inversion SSIM"),
     ("inversion_psnr", "Inversion PSNR (dB)"),
@@ -27,6 +28,7 @@ COLUMNS: list[tuple[str, str]] = [
     ("decoder_psnr", "Decoder PSNR (dB)"),
     ("label_accuracy", "Labels from dL/dz"),
     ("tail_accuracy", "Labels from z (tail)"),
+    ("chance", "Chance (uniform / majority)"),
 ]
 
 
@@ -37,10 +39,40 @@ def _cell(row: AuditRow, key: str) -> str:
     if value is None:
         return "not run"
     if key == "accuracy":
-        return f"{100 * value:.1f}"
+        return _percent(row)
+    if key == "chance":
+        return f"{value:.2f} / {row.majority:.2f}"
     if key.endswith("ssim") or key.endswith("accuracy"):
         return f"{value:.3f}" if key.endswith("ssim") else f"{value:.2f}"
     return fmt_number(value)
+
+
+def _percent(row: AuditRow) -> str:
+    """The seeds' mean accuracy in %, with its std when more than one seed ran."""
+    if row.accuracy is None:
+        return "not run"
+    if len(row.accuracy_runs) < 2 or row.accuracy_std is None:
+        return f"{100 * row.accuracy:.1f}"
+    return f"{100 * row.accuracy:.1f} ± {100 * row.accuracy_std:.1f}"
+
+
+def paired_gap(row: AuditRow, plain: AuditRow) -> tuple[float, float, int] | None:
+    """Mean and sample std of (row - plain) accuracy over the seeds both ran, and their count."""
+    mine = dict(zip(row.seeds, row.accuracy_runs, strict=True))
+    theirs = dict(zip(plain.seeds, plain.accuracy_runs, strict=True))
+    shared = [s for s in row.seeds if s in theirs]
+    if not shared:
+        return None
+    diffs = np.array([mine[s] - theirs[s] for s in shared])
+    return float(diffs.mean()), float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0, len(diffs)
+
+
+def seeds_text(rows: list[AuditRow]) -> str:
+    """Which seeds the accuracy columns are over, e.g. 'seeds 0, 1, 2 (n = 3)'."""
+    seeds = sorted({s for r in rows for s in r.seeds})
+    if not seeds:
+        return "no federation ran"
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} (n = {len(seeds)})"
 
 
 def table(rows: list[AuditRow]) -> list[str]:
@@ -78,12 +110,7 @@ def findings(result: AuditResult) -> list[str]:
         halved = strongest <= best / 2
         near_chance = row.label_accuracy <= row.chance + 0.1
         if halved and near_chance:
-            cost = (
-                f"test accuracy {100 * row.accuracy:.1f}% against "
-                f"{100 * plain.accuracy:.1f}% undefended"
-                if row.accuracy is not None and plain.accuracy is not None
-                else "accuracy not measured (not in --audit-accuracy)"
-            )
+            cost = _cost(row, plain)
             out.append(
                 f"`{row.setting}` halves the best attack's SSIM ({strongest:.3f} against "
                 f"{best:.3f}) and leaves dL/dz at {row.label_accuracy:.2f} of the labels: {cost}."
@@ -91,6 +118,17 @@ def findings(result: AuditResult) -> list[str]:
     if len(out) == 1:
         out.append("No setting both halved the best SSIM and brought dL/dz to near chance.")
     return out
+
+
+def _cost(row: AuditRow, plain: AuditRow) -> str:
+    """The accuracy the defense costs: both means ± std, and the paired gap over shared seeds."""
+    if row.accuracy is None or plain.accuracy is None:
+        return "accuracy not measured (not in --audit-accuracy)"
+    text = f"test accuracy {_percent(row)}% against {_percent(plain)}% undefended"
+    gap = paired_gap(row, plain)
+    if gap is not None and gap[2] > 1:
+        text += f" (paired over {gap[2]} seeds: {100 * gap[0]:+.1f} ± {100 * gap[1]:.1f} points)"
+    return text
 
 
 def markdown(result: AuditResult, level: int = 1) -> str:
@@ -109,8 +147,13 @@ def markdown(result: AuditResult, level: int = 1) -> str:
         f"against the real images, on grey values in [0, 1]. Labels: for each candidate, the dL/dz "
         f"the device would send; the nearest wins. 'Labels from z' is what the tail predicts "
         f"without any gradient, which no defense on dL/dz hides. Clip alone uses C = "
-        f"{result.clip_bound:g}, just above every public h's norm. Test accuracy and bytes come "
-        f"from a federation with that defense where one ran ('not run' otherwise).",
+        f"{result.clip_bound:g}, just above every public h's norm. Test accuracy (mean ± sample "
+        f"std) and bytes come from a federation with that defense per seed where one ran "
+        f"('not run' otherwise), over {seeds_text(result.rows)}: the same seeds and partitions "
+        f"for every setting. The federations' devices draw their noise from OS entropy, so a "
+        f"seed fixes the partition and the training order, not the noise; the attacks' noise "
+        f"is seeded. Chance: a uniform guess, and always guessing the audited images' most "
+        f"common label.",
         "",
         *table(result.rows),
         "",
@@ -162,8 +205,16 @@ def write_audit(folder: Path, result: AuditResult) -> list[Path]:
     with table_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(AuditRow)])
         writer.writeheader()
-        writer.writerows(asdict(r) for r in result.rows)
+        writer.writerows(_csv_row(r) for r in result.rows)
     return [md, js, table_path, plot_reconstructions(result, folder / "audit.png")]
+
+
+def _csv_row(row: AuditRow) -> dict:
+    """A row with its per-seed lists joined by ';' (one cell each)."""
+    values = asdict(row)
+    for key in ("accuracy_runs", "seeds"):
+        values[key] = ";".join(str(v) for v in values[key])
+    return values
 
 
 def _json_row(row: AuditRow) -> dict:

@@ -215,8 +215,9 @@ class SimConfig:
     audit_accuracy: tuple[str, ...] = field(
         default=DEFAULT_ACCURACY,
         metadata=opt(
-            "Audit settings that also get an SFPrompt federation, for accuracy and bytes "
-            "(about a minute each on digits).",
+            "Audit settings that also get an SFPrompt federation per seed (--seeds, the same "
+            "for every setting), for accuracy (mean ± std) and bytes (about a minute each on "
+            "digits).",
             comma_list=True,
             metavar="SPEC,...",
         ),

@@ -24,6 +24,8 @@ from sfprompt.export.cli import PlanConfig
 from sfprompt.export.cli import main as export
 from sfprompt.export.config import ExportConfig
 from sfprompt.options import KEY, CommaList, KeyValue, Verbosity, build, write_config
+from sfprompt.sim.audit_cli import TrafficAuditConfig
+from sfprompt.sim.audit_cli import main as audit
 from sfprompt.sim.cli import main as sim
 from sfprompt.sim.config import SimConfig
 from sfprompt.sim.pretrain import PretrainConfig
@@ -43,9 +45,10 @@ COMMANDS: dict[str, tuple[click.Command, tuple[type, ...]]] = {
     "sfprompt-export plan": (export.commands["plan"], (ExportConfig, PlanConfig)),
     "sfprompt-sim": (sim, (SimConfig,)),
     "sfprompt-pretrain": (pretrain, (PretrainConfig,)),
+    "sfprompt-audit": (audit, (TrafficAuditConfig,)),
 }
 # What a command does rather than what it configures: not a field of any config.
-SWITCHES = {"config_file", "help", "add", "force", "more_devices"}
+SWITCHES = {"config_file", "help", "add", "force", "more_devices", "capture_dir"}
 
 
 def default_of(field: dataclasses.Field) -> Any:
