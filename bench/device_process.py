@@ -51,7 +51,7 @@ def onnx_steps(bundle: str, batch: int, steps: int, threads: int) -> list[float]
         if choice.get("phase", "local") == "local":
             local_step(rt, params, images, labels, weight, sgd)
         else:
-            split_share_step(rt, params, images, labels, weight, sgd)
+            split_share_step(rt, params, images, labels, sgd)
         times.append(time.perf_counter() - t0)
     return times
 

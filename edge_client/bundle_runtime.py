@@ -144,6 +144,15 @@ class BundleRuntime:
         if tape.saved is not None and tape.backward not in backwards:
             raise BundleError(f"{vjp}: this tape is for {tape.backward}, not for {vjp}")
 
+    keeps_tape = False  # a runtime whose head backward reads its forward's tape says so
+
+    def exchange_parts(self, batch: int) -> list[slice]:
+        """How a split batch is cut into exchanges with the server: one per micro-batch where
+        the head's backward reads a tape, so that only one micro-batch's tape lives while the
+        server answers (~7.8 MB per ViT-Base sample and block); the whole batch at once where
+        it recomputes (its tape is the images): fewer round trips."""
+        return self._chunks(batch) if self.keeps_tape else [slice(0, batch)]
+
     def _chunks(self, batch: int) -> list[slice]:
         step = self.micro_batch or batch
         return [slice(i, i + step) for i in range(0, batch, step)]

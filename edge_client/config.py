@@ -34,7 +34,10 @@ def threads_field() -> Any:
 def micro_batch_field() -> Any:
     return field(
         default=4,
-        metadata=opt("Samples the head graphs process at once; smaller uses less memory."),
+        metadata=opt(
+            "Samples the head graphs process at once, and (keeping the tape) samples per split "
+            "exchange with the server; smaller uses less memory, larger is faster."
+        ),
     )
 
 

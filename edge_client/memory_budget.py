@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sfprompt.processes import child_cwd
-from sfprompt.protocol.bundle import PROMPT_KEY, load_manifest
+from sfprompt.protocol.bundle import Manifest, load_manifest
 from sfprompt.units import MIB
 
 from .runtime import RUNTIMES
@@ -223,7 +223,7 @@ def _child(
             local_step(runtime, params, images, labels, weight, sgd)
             times.append(time.perf_counter() - start)
             start = time.perf_counter()
-            split_share_step(runtime, params, images, labels, weight, sgd)
+            split_share_step(runtime, params, images, labels, sgd)
             split_times.append(time.perf_counter() - start)
     if sampler is None:
         peak = peak_rss_mb()
@@ -247,17 +247,32 @@ def split_share_step(
     params: Params,
     images: np.ndarray,
     labels: np.ndarray,
-    weight: np.ndarray,
     sgd: Sgd,
 ) -> None:
-    """What a device computes of one split step (`phases.split_train` without the network):
-    the body's reply stood in by h itself and its dL/dh by a fixed dense array."""
-    from .tail_input import select
+    """What a device computes of one split step (`phases.split_gradients` without the
+    network): the body's reply stood in by h itself and its dL/dh by a fixed dense array."""
+    from .phases import split_gradients
 
-    h, tape = runtime.head_forward_taped(images, params[PROMPT_KEY])
-    step = runtime.tail_step(params, select(h, runtime.manifest), labels, weight)
-    grad_prompt = runtime.head_vjp(tape, dense_grad_h(h.shape))
-    sgd.step(params, {PROMPT_KEY: grad_prompt, **step.grads})
+    _, grads = split_gradients(runtime, params, images, labels, StandInBody(runtime.manifest))
+    sgd.step(params, grads)
+
+
+class StandInBody:
+    """The server's part of a split step without a server: z is what the tail reads of h (a
+    body of no blocks), dL/dh a fixed dense array."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self._shape: tuple[int, ...] = ()
+
+    def forward(self, h: np.ndarray) -> np.ndarray:
+        from .tail_input import select
+
+        self._shape = h.shape
+        return select(h, self.manifest)
+
+    def backward(self, grad_z: np.ndarray) -> np.ndarray:
+        return dense_grad_h(self._shape)
 
 
 def dense_grad_h(shape: tuple[int, ...]) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 1. self-update: head -> tail on the local loss (the body skipped), scoring every sample by
    EL2N in the same pass, then keeping the hardest fraction gamma;
-2. split training on the kept samples: h up, z down, dL/dz up, dL/dh down per batch.
+2. split training on the kept samples: h up, z down, dL/dz up, dL/dh down per batch (per
+   micro-batch where the head keeps a tape), one optimizer step per batch.
 
 Both update prompt + tail in place and check `should_stop` between batches, so a newer task,
 a passed deadline or SIGTERM ends a round within one batch.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -141,18 +143,45 @@ def split_train(
         for idx in batches(kept, settings.batch_size, rng):
             _check(should_stop)
             x, y = data.batch(idx)
-            prompt = params[PROMPT_KEY]
-            h, tape = runtime.head_forward_taped(x, prompt)
-            z = link.forward(h)
-            step = runtime.tail_step(params, z, y, np.ones(len(idx), np.float32))
-            grad_h = link.backward(step.grad_input)
-            grad_prompt = runtime.head_vjp(tape, grad_h)
-            del h, tape  # the next batch's tape is not to sit beside this one
-            optimizer.step(params, {PROMPT_KEY: grad_prompt, **step.grads})
-            losses.append(step.loss)
+            loss, grads = split_gradients(runtime, params, x, y, link)
+            optimizer.step(params, grads)
+            losses.append(loss)
             steps += 1
             samples += len(idx)
     return SplitResult(float(np.mean(losses)) if losses else float("nan"), steps, samples)
+
+
+class Exchange(Protocol):
+    """The server's part of a split step: `SplitLink`, or a stand-in where there is none."""
+
+    def forward(self, h: np.ndarray) -> np.ndarray: ...
+
+    def backward(self, grad_z: np.ndarray) -> np.ndarray: ...
+
+
+def split_gradients(
+    runtime: DeviceRuntime, params: Params, x: np.ndarray, y: np.ndarray, link: Exchange
+) -> tuple[float, Params]:
+    """The batch-mean loss of one split batch and its gradient for prompt + tail.
+
+    The batch goes to the server in the runtime's `exchange_parts` (per micro-batch when the
+    head keeps a tape, so only one part's tape is alive at a time). Every computation of the
+    split model is per sample (no batch statistics), so each part's mean-loss gradient,
+    weighted by its share of the batch, sums to the whole batch's: the same update."""
+    prompt = params[PROMPT_KEY]
+    loss, grads = 0.0, dict[str, np.ndarray]()
+    for part in runtime.exchange_parts(len(x)):
+        share = len(y[part]) / len(y)
+        h, tape = runtime.head_forward_taped(x[part], prompt)
+        z = link.forward(h)
+        step = runtime.tail_step(params, z, y[part], np.ones(len(y[part]), np.float32))
+        grad_h = link.backward(step.grad_input)
+        grad_prompt = runtime.head_vjp(tape, grad_h)
+        del h, tape, z, grad_h  # the next part's tape is not to sit beside this one
+        loss += share * step.loss
+        for key, grad in {PROMPT_KEY: grad_prompt, **step.grads}.items():
+            grads[key] = grads[key] + share * grad if key in grads else share * grad
+    return loss, grads
 
 
 def _check(should_stop: Callable[[], bool]) -> None:

@@ -12,7 +12,7 @@ from sfprompt.data.datasets import load_image_set
 from sfprompt.data.transforms import EvalTransform
 from sfprompt.edge_client.onnx_runtime import OnnxDeviceRuntime
 from sfprompt.edge_client.optimizer import Sgd
-from sfprompt.edge_client.phases import LocalData, RoundAborted, self_update
+from sfprompt.edge_client.phases import LocalData, RoundAborted, self_update, split_gradients
 from sfprompt.export.split_vit import select_tail_input
 from sfprompt.protocol.bundle import PROMPT_KEY
 from sfprompt.protocol.messages import PhaseSettings
@@ -102,3 +102,47 @@ def test_self_update_trains_and_stops_when_asked(setup) -> None:
             np.random.default_rng(0),
             should_stop=lambda: True,
         )
+
+
+class EagerBody:
+    """The server's part of a split step in eager PyTorch: z = body(h), dL/dh by autograd."""
+
+    def __init__(self, split) -> None:
+        self.split, self.calls = split, 0
+
+    def forward(self, h: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        self.h = torch.from_numpy(h).requires_grad_(True)
+        z = self.split.body(self.h)
+        self.t = select_tail_input(z, self.split.tail_input, self.split.skip_tokens)
+        return self.t.detach().numpy()
+
+    def backward(self, grad_z: np.ndarray) -> np.ndarray:
+        (grad,) = torch.autograd.grad(self.t, self.h, torch.from_numpy(grad_z))
+        return grad.numpy()
+
+
+@pytest.mark.parametrize(("micro_batch", "lean", "exchanges"), [(3, False, 3), (3, True, 1)])
+def test_a_split_batch_sent_in_parts_gives_the_whole_batchs_gradient(
+    setup, micro_batch: int, lean: bool, exchanges: int
+) -> None:
+    """Where the head keeps a tape the batch goes to the server one micro-batch at a time
+    (8 = 3 + 3 + 2); the loss and gradients are the whole batch's, as eager autograd gives."""
+    result, _, data = setup
+    runtime = OnnxDeviceRuntime(result.device_dir, micro_batch=micro_batch, lean=lean)
+    split, params = eager_split(result)
+    x, y = data.batch(np.arange(8))
+    numpy_params = {k: v.numpy() for k, v in params.items()}
+    body = EagerBody(split)
+    loss, grads = split_gradients(runtime, numpy_params, x, y, body)
+    assert body.calls == exchanges
+    prompt = params[PROMPT_KEY].clone().requires_grad_(True)
+    tail = {n: p.requires_grad_(True) for n, p in split.tail.named_parameters()}
+    h = split.head(torch.from_numpy(x), prompt)
+    t = select_tail_input(split.body(h), split.tail_input, split.skip_tokens)
+    expected = torch.nn.functional.cross_entropy(split.tail(t), torch.from_numpy(y))
+    keys = [PROMPT_KEY, *split.tail_keys().values()]
+    wrt = [prompt, *(tail[name] for name in split.tail_keys())]
+    for key, grad in zip(keys, torch.autograd.grad(expected, wrt)):
+        np.testing.assert_allclose(grads[key], grad.numpy(), rtol=1e-3, atol=1e-5, err_msg=key)
+    assert loss == pytest.approx(float(expected), rel=1e-5)
