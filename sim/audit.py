@@ -412,12 +412,11 @@ def audit_simulation(
     shards at the first seed); `audit_report` writes it. The federation at each seed gets that
     seed's partition, as the comparison's runs do."""
     from . import partition
-    from .pipeline import partition_for
 
     def federate(rounds: RoundConfig, run_dir: Path, seed: int) -> MethodResult:
         labels = data.train_labels
         clients = cfg.clients[0]
-        seeded = parts if seed == cfg.seed else partition_for(
+        seeded = parts if seed == cfg.seed else partition.partition_for(
             cfg.partitions[0], labels, clients, cfg.alpha, seed
         )  # fmt: skip
         folder = out / "audit" / "data" / f"seed{seed}"

@@ -202,6 +202,11 @@ class CommModel:
 
     manifest: Manifest
     link: Link = field(default_factory=Link)
+    # Samples per split exchange of an SFPrompt device: its --micro-batch (4 by default) where
+    # its head keeps a tape (the onnx runtime's default: `phases.split_gradients`); None, a
+    # batch per exchange (--lean, the TorchScript runtime). The bytes of the tensors are the
+    # same either way; each exchange adds its envelopes.
+    exchange_batch: int | None = 4
 
     def __post_init__(self) -> None:
         self.wire = WireSizes(self.link)
@@ -239,16 +244,19 @@ class CommModel:
         first_step: int = 1,
         shapes: SplitShapes | None = None,
         encoding_down: str | None = None,
+        exchange: int | None = None,
     ) -> tuple[int, int]:
-        """(up, down) of `epochs` passes over `samples`; steps count from `first_step` through
-        the round (`SplitLink` numbers them from 1, never restarting at an epoch)."""
+        """(up, down) of `epochs` passes over `samples`, each batch in exchanges of `exchange`
+        samples (None: one per batch); steps count exchanges from `first_step` through the
+        round (`SplitLink` numbers them from 1, never restarting at an epoch)."""
         up = down = 0
         step = first_step
         for _ in range(epochs):
             for size in batch_sizes(samples, batch):
-                stamp = Stamp(device_id, round, step)
-                u, d = self.split_batch(size, encoding, stamp, shapes, encoding_down)
-                up, down, step = up + u, down + d, step + 1
+                for part in batch_sizes(size, exchange or size):
+                    stamp = Stamp(device_id, round, step)
+                    u, d = self.split_batch(part, encoding, stamp, shapes, encoding_down)
+                    up, down, step = up + u, down + d, step + 1
         return up, down
 
     # ---- prompt + tail each way ---------------------------------------------------------------
@@ -296,7 +304,8 @@ class CommModel:
         encoding_down: str | None = None,
     ) -> RoundBytes:
         """A device with `local_samples` images: split training on the samples it keeps, in
-        batches of `settings.batch_size`, plus its TASK down and UPDATE up.
+        batches of `settings.batch_size` (each in exchanges of `exchange_batch`), plus its
+        TASK down and UPDATE up.
 
         Activations go up in `settings.encoding` and come down in `encoding_down` (the server's
         `RoundConfig.down_encoding`, which the TASK does not carry; None: the same as up).
@@ -315,6 +324,7 @@ class CommModel:
             round,
             settings.split_epochs,
             encoding_down=encoding_down,
+            exchange=self.exchange_batch,
         )
         if metrics is None or memory is None:
             steps = settings.split_epochs * len(batch_sizes(kept, settings.batch_size))

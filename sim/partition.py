@@ -129,3 +129,16 @@ def _check(labels: np.ndarray, clients: int) -> int:
     if clients > n:
         raise ValueError(f"cannot give {clients} devices a sample each from {n} samples")
     return n
+
+
+def partition_for(
+    spec: str, labels: np.ndarray, clients: int, alpha: float, seed: int
+) -> list[np.ndarray]:
+    """Device shards' indices for "iid", "dirichlet" (at `alpha`) or "dirichlet:ALPHA"."""
+    rng = np.random.default_rng(seed)
+    kind, _, value = spec.partition(":")
+    if kind == "iid" and not value:
+        return partition_iid(labels, clients, rng)
+    if kind == "dirichlet":
+        return partition_dirichlet(labels, clients, float(value or alpha), rng)
+    raise ValueError(f"unknown partition {spec!r}: iid, dirichlet or dirichlet:ALPHA")

@@ -12,8 +12,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from sfprompt.cloud_server.rounds import SAME_ENCODING, RoundConfig
 from sfprompt.export.bundle_writer import ExportResult, export_bundle
 from sfprompt.export.config import ExportConfig
@@ -113,7 +111,7 @@ def run_simulation(cfg: SimConfig, say: Progress = print) -> SimOutcome:
         """Every method on one partition of the training data, all from one seed; with
         `sweep_encodings`, SFPrompt in every setting of the encodings sweep too."""
         where = f"clients{clients}/{spec.replace(':', '')}/seed{seed}"
-        parts = partition_for(spec, data.train_labels, clients, cfg.alpha, seed)
+        parts = partition.partition_for(spec, data.train_labels, clients, cfg.alpha, seed)
         shard_paths, test_path = partition.write_shards(data, parts, out / "data" / where)
         shards = [(data.train_images[p], data.train_labels[p]) for p in parts]
         first = not sweep and not primary_run
@@ -167,7 +165,9 @@ def run_simulation(cfg: SimConfig, say: Progress = print) -> SimOutcome:
         from .audit_report import markdown, write_audit
 
         labels = data.train_labels
-        parts = partition_for(cfg.partitions[0], labels, cfg.clients[0], cfg.alpha, cfg.seed)
+        parts = partition.partition_for(
+            cfg.partitions[0], labels, cfg.clients[0], cfg.alpha, cfg.seed
+        )
         server_dir = bundles["prompt"].server_dir
         audit = audit_simulation(cfg, data, server_dir, base, run_split, parts, out, say)
         audit_rows, audit_section = audit.rows, markdown(audit, level=2)
@@ -209,21 +209,6 @@ def report_encodings(
     rows = encodings.encoding_rows(runs, vit_base)
     encodings.write_encodings(folder, rows, runs, scale.describe())
     return rows, encodings.markdown(rows, scale.describe())
-
-
-def partition_for(
-    spec: str, labels: np.ndarray, clients: int, alpha: float, seed: int
-) -> list[np.ndarray]:
-    """Device shards' indices for "iid", "dirichlet" (at `alpha`) or "dirichlet:ALPHA"."""
-    from . import partition
-
-    rng = np.random.default_rng(seed)
-    kind, _, value = spec.partition(":")
-    if kind == "iid" and not value:
-        return partition.partition_iid(labels, clients, rng)
-    if kind == "dirichlet":
-        return partition.partition_dirichlet(labels, clients, float(value or alpha), rng)
-    raise ValueError(f"unknown partition {spec!r}: iid, dirichlet or dirichlet:ALPHA")
 
 
 def run_ceilings(cfg: SimConfig, spec: ModelSpec, preprocess: dict, data, cut: Cut, say: Progress):  # noqa: ANN001, ANN201

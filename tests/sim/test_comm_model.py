@@ -143,17 +143,20 @@ def test_a_round_keeps_ceil_gamma_n_samples_in_batches_with_a_partial_last_one()
     assert kept_samples(37, 0.5) == 19 and kept_samples(1, 0.1) == 1 and kept_samples(5, 1.0) == 5
     assert kept_samples(37, 0.5, [9, 9, 9, 10]) == 20  # per class: 5 + 5 + 5 + 5
     assert batch_sizes(19, 8) == [8, 8, 3] and batch_sizes(16, 8) == [8, 8]
-    model = CommModel(small_manifest())
     settings = typical_settings(0.5, 8, "fp32")
-    rb = model.sfprompt_round(37, settings, "dev-0", 1)
-    up = down = 0
-    for step, batch in enumerate([8, 8, 3], start=1):
-        stamp = dict(device_id="dev-0", round=1, step=step)
-        h, z = np.zeros((batch, 21, DIM), np.float32), np.zeros((batch, 1, DIM), np.float32)
-        up += len(encode(Smashed(h=h, **stamp))) + len(encode(GradZ(grad_z=z, **stamp)))
-        down += len(encode(BodyOut(z=z, **stamp))) + len(encode(GradH(grad_h=h, **stamp)))
-    assert (rb.up_split, rb.down_split) == (up, down)
-    assert rb.up == rb.up_split + rb.up_model and rb.total == rb.up + rb.down
+    # a device keeping a tape sends each batch in exchanges of its micro-batch (4); with
+    # --lean or TorchScript, a batch per exchange
+    for exchange_batch, exchanges in ((4, [4, 4, 4, 4, 3]), (None, [8, 8, 3])):
+        model = CommModel(small_manifest(), exchange_batch=exchange_batch)
+        rb = model.sfprompt_round(37, settings, "dev-0", 1)
+        up = down = 0
+        for step, batch in enumerate(exchanges, start=1):
+            stamp = dict(device_id="dev-0", round=1, step=step)
+            h, z = np.zeros((batch, 21, DIM), np.float32), np.zeros((batch, 1, DIM), np.float32)
+            up += len(encode(Smashed(h=h, **stamp))) + len(encode(GradZ(grad_z=z, **stamp)))
+            down += len(encode(BodyOut(z=z, **stamp))) + len(encode(GradH(grad_h=h, **stamp)))
+        assert (rb.up_split, rb.down_split) == (up, down), exchange_batch
+        assert rb.up == rb.up_split + rb.up_model and rb.total == rb.up + rb.down
 
 
 def data_bytes(payload: bytes) -> int:

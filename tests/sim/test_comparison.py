@@ -10,7 +10,7 @@ import pytest
 
 from sfprompt.sim.ceilings import Ceiling
 from sfprompt.sim.comparison import SeedRun, comparison_rows, gaps, write_comparison
-from sfprompt.sim.pipeline import partition_for
+from sfprompt.sim.partition import partition_for
 from sfprompt.sim.results import MethodResult, RoundRecord
 
 
