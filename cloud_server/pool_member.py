@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 
-from sfprompt.protocol.client_config import Inbound
+from sfprompt.protocol.client_config import ClientConfig, Inbound
 from sfprompt.protocol.codec import encode
 from sfprompt.protocol.errors import TransportError
 from sfprompt.protocol.messages import Message
@@ -30,6 +31,15 @@ def offline_will(topics: Topics, worker_id: str) -> tuple[str, bytes]:
     """The Last Will that tells the coordinator this worker is gone."""
     gone = WorkerPresence(device_id=worker_id, online=False)
     return topics.worker_presence(worker_id), encode(gone)
+
+
+def member_session(config: ClientConfig, worker_id: str) -> ClientConfig:
+    """A pool member's MQTT session: its Last Will, and no session kept once it is gone. The
+    coordinator hands a dead worker's devices to others and the step state died with it, so a
+    broker that kept its subscriptions would only queue those devices' h for nobody (up to its
+    per-client queue, ~300 KB a ViT-Base sample); a worker back after a network blip subscribes
+    again on connecting, and the devices resend what was lost."""
+    return replace(config, will=offline_will(config.topics, worker_id), session_expiry_s=0)
 
 
 class PoolMember:

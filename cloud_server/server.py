@@ -38,7 +38,7 @@ from .coordinator import Coordinator
 from .embedded_broker import SERVER_USER, embedded_broker
 from .evaluation import evaluate, load_test_set
 from .metrics import MetricsLog, PrometheusExporter, RoundMetrics
-from .pool_member import PoolMember, offline_will
+from .pool_member import PoolMember, member_session
 from .progress import RoundProgress
 from .rounds import BUFFERED
 from .step_state import StepStore
@@ -208,7 +208,7 @@ def run_worker(cfg: WorkerConfig, stop: threading.Event | None = None) -> None:
         cfg.broker.url, f"sfprompt-worker-{name}", expect=expectations_for(model.manifest)
     )
     if cfg.worker_id is not None:
-        client_cfg = replace(client_cfg, will=offline_will(client_cfg.topics, cfg.worker_id))
+        client_cfg = member_session(client_cfg, cfg.worker_id)
     client = MqttClient(client_cfg)
     batcher = BodyBatcher(model, cfg.body.max_batch, cfg.body.max_wait_ms / 1000).start()
     store = StepStore(cfg.state_ttl_s)

@@ -69,3 +69,22 @@ def test_without_workers_or_with_too_many_devices_it_says_so() -> None:
     with pytest.raises(ValueError, match="start more workers"):
         assign_devices(many, {"w1": 1}, {})
     assert len(assign_devices(many, {"w1": 1, "w2": 1}, {})) == len(many)
+
+
+def test_a_pool_member_leaves_a_will_and_no_session_behind() -> None:
+    """A dead worker's broker session would queue its old devices' h for nobody: none is kept,
+    and its Last Will says it went offline."""
+    from sfprompt.cloud_server.pool_member import member_session
+    from sfprompt.protocol.client_config import ClientConfig
+    from sfprompt.protocol.codec import decode
+    from sfprompt.protocol.pool_messages import WorkerPresence
+
+    base = ClientConfig("sfprompt-worker-gpu0")
+    assert base.session_expiry_s > 0  # devices and the server keep theirs
+    member = member_session(base, "gpu0")
+    assert member.session_expiry_s == 0 and member.client_id == base.client_id
+    assert member.will is not None
+    topic, payload = member.will
+    gone = decode(payload)
+    assert topic == base.topics.worker_presence("gpu0")
+    assert isinstance(gone, WorkerPresence) and gone.device_id == "gpu0" and not gone.online
