@@ -6,7 +6,6 @@ Every option is a field of the command's config dataclass (`ServeConfig`, `Worke
 
 from __future__ import annotations
 
-import math
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -110,25 +109,10 @@ def worker(ctx: click.Context, **values: Any) -> None:
 
     cfg, verbosity = configs_from(ctx, values, WorkerConfig, Verbosity)
     setup_logging(verbosity.verbose, verbosity.quiet)
-    check_pool_flags(cfg)
     try:
         run_worker(cfg)
     except (BundleError, TransportError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-
-
-def check_pool_flags(cfg: WorkerConfig) -> None:
-    """Refuse flags of both pools at once, or a place outside the static pool."""
-    if cfg.worker_id is not None:
-        if (cfg.index, cfg.workers) != (0, 1):
-            raise click.UsageError(
-                "--id joins serve's elastic pool; --index/--of place a worker in the static "
-                "one: give one or the other"
-            )
-        if not (math.isfinite(cfg.capacity) and cfg.capacity > 0):
-            raise click.UsageError(f"--capacity must be a finite number > 0, not {cfg.capacity}")
-    elif not 0 <= cfg.index < cfg.workers:
-        raise click.UsageError("--index must be in [0, --of)")
 
 
 @main.command("broker-config")

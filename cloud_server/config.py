@@ -4,6 +4,7 @@ and the simulator's config files load without PyTorch."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -241,3 +242,16 @@ class WorkerConfig:
     )
     capture: CaptureSettings = field(default_factory=CaptureSettings)
     state_ttl_s: float = field(default=600.0, metadata=internal())
+
+    def __post_init__(self) -> None:
+        """Refuse flags of both pools at once, or a place outside the static pool."""
+        if self.worker_id is not None:
+            if (self.index, self.workers) != (0, 1):
+                raise ValueError(
+                    "--id joins serve's elastic pool; --index/--of place a worker in the static "
+                    "one: give one or the other"
+                )
+            if not (math.isfinite(self.capacity) and self.capacity > 0):
+                raise ValueError(f"--capacity must be a finite number > 0, not {self.capacity}")
+        elif not 0 <= self.index < self.workers:
+            raise ValueError("--index must be in [0, --of)")

@@ -10,12 +10,11 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
 from .audit import AuditResult, AuditRow
-from .plots import _finish
+from .plots import plot_image_rows
 from .results import fmt_number
 
 COLUMNS: list[tuple[str, str]] = [
@@ -169,23 +168,12 @@ def markdown(result: AuditResult, level: int = 1) -> str:
 
 def plot_reconstructions(result: AuditResult, path: Path) -> Path:
     """Real images in the top row; below, per setting, the inversion's and the decoder's."""
-    shown = len(result.images)
-    rows = 1 + 2 * len(result.rows)
-    fig = Figure(figsize=(1.1 * shown + 2.6, 1.1 * rows), layout="constrained")
-    axes = fig.subplots(rows, shown, squeeze=False)
     panels = [("real", result.images)]
     for row in result.rows:
         panels.append((f"{row.setting}\ninversion", result.inversions[row.setting]))
         panels.append((f"{row.setting}\ndecoder", result.decodings[row.setting]))
-    for (label, images), line in zip(panels, axes, strict=True):
-        for ax, image in zip(line, images, strict=False):
-            ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-        for ax in line:
-            ax.set_xticks([])
-            ax.set_yticks([])
-        line[0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
-    fig.suptitle("What the server reconstructs from h, per defense setting")
-    return _finish(fig, path, legend=False)
+    title = "What the server reconstructs from h, per defense setting"
+    return plot_image_rows(panels, len(result.images), title, path)
 
 
 def write_audit(folder: Path, result: AuditResult) -> list[Path]:

@@ -7,11 +7,10 @@ import math
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 from safetensors.numpy import save_file
 
 from .audit_traffic import TrafficAudit
-from .plots import _finish
+from .plots import plot_image_rows
 from .results import fmt_number
 
 SHOWN = 8  # samples in audit.png
@@ -140,17 +139,8 @@ def plot(audit: TrafficAudit, path: Path) -> Path:
     panels.append(("inversion", audit.inversions))
     if audit.decodings is not None:
         panels.append(("decoder", audit.decodings))
-    fig = Figure(figsize=(1.1 * max(shown, 1) + 1.6, 1.2 * len(panels)), layout="constrained")
-    axes = fig.subplots(len(panels), max(shown, 1), squeeze=False)
-    for (label, images), line in zip(panels, axes, strict=True):
-        for ax, image in zip(line, images[:shown], strict=False):
-            ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-        for ax in line:
-            ax.set_xticks([])
-            ax.set_yticks([])
-        line[0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle("What the server reconstructs from captured h")
-    return _finish(fig, path, legend=False)
+    title = "What the server reconstructs from captured h"
+    return plot_image_rows(panels, max(shown, 1), title, path, fontsize=8)
 
 
 def write_traffic_audit(folder: Path, audit: TrafficAudit) -> list[Path]:

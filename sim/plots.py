@@ -39,6 +39,23 @@ def _plain(x: float, _: int) -> str:
     return f"{x:g}"
 
 
+def plot_image_rows(
+    panels: list[tuple[str, np.ndarray]], shown: int, title: str, path: Path, fontsize: int = 7
+) -> Path:
+    """Grey images in [0, 1], a labelled row per panel, at most `shown` per row."""
+    fig = Figure(figsize=(1.1 * shown + 2.6, 1.1 * len(panels)), layout="constrained")
+    axes = fig.subplots(len(panels), shown, squeeze=False)
+    for (label, images), line in zip(panels, axes, strict=True):
+        for ax, image in zip(line, images[:shown], strict=False):
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+        for ax in line:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        line[0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=fontsize)
+    fig.suptitle(title)
+    return _finish(fig, path, legend=False)
+
+
 def _finish(fig: Figure, path: Path, legend: bool = True) -> Path:
     if legend:  # outside the axes: with seven methods any inside spot hides a curve
         fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside right center")
