@@ -9,7 +9,7 @@ it reads) and the split phase's (the device's share; dL/dh dense: every row of h
 Goals (issue 13): onnxruntime at least as fast as eager; peak RSS <= 160 MB.
 
     python bench/bench_export.py [--model vit_base_patch16_224] [--batch 8] [--steps 6]
-                                 [--rounds 3] [--head-weights fp16] [--lean]
+                                 [--rounds 3] [--head-weights int8] [--lean]
                                  [--micro-batch 4] [--phases local,split]
 
 The least memory: `--head-weights fp16 --lean --micro-batch 1`.
@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sfprompt.export.bundle_writer import export_bundle
-from sfprompt.export.config import ExportConfig
+from sfprompt.export.config import HEAD_WEIGHTS, ExportConfig
 
 HERE = Path(__file__).parent
 GOAL_MB = 160  # issue 13: half the memory of the first onnx runtime
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--rounds", type=int, default=3, help="eager/onnx pairs (median)")
-    parser.add_argument("--head-weights", choices=("fp32", "fp16"), default="fp32")
+    parser.add_argument("--head-weights", choices=HEAD_WEIGHTS, default="fp32")
     parser.add_argument("--lean", action="store_true", help="the device's --lean setting")
     parser.add_argument("--micro-batch", type=int, default=4, help="samples per head-graph call")
     parser.add_argument("--phases", default="local,split", help="whose step: local, split")

@@ -38,10 +38,12 @@ from . import device_graphs as dg
 from .config import ExportConfig
 from .cut_manifest import base_manifest, preprocess_config
 from .half_weights import halve_weights
+from .int8_weights import quantize_weights
 from .head_rows import export_local_tape
 from .head_tape import export_head_tape
 from .model_loading import create_vit
 from .onnx_export import export_onnx
+from .patch_product import patches_as_product
 from .split_vit import PROMPT_KEY, SplitViT, init_prompt, select_tail_input
 from .torchscript_export import export_torchscript
 
@@ -155,9 +157,10 @@ def write_bundles(
     progress("writing TorchScript twins")
     twins = export_torchscript(split, device_dir)
     graphs = {}
+    head = patches_as_product(split.head)  # the same function; its int8 form is ~6x faster
     for spec in (
-        dg.head_forward_function(split.head),
-        dg.head_vjp_function(split.head),
+        dg.head_forward_function(head),
+        dg.head_vjp_function(head),
         dg.tail_step_function(split.tail, keys),
         dg.tail_forward_function(split.tail, keys),
     ):
@@ -166,17 +169,18 @@ def write_bundles(
         export_onnx(spec, example, path)
         graphs[spec.name] = graph_spec(path, twins[spec.name])
     progress("exporting the head's forward with its tape, and its backward")
-    tape = export_head_tape(split.head, example["image"], prompt, device_dir)
+    tape = export_head_tape(head, example["image"], prompt, device_dir)
     graphs.update({name: graph_spec(path, "") for name, path in tape.items()})
     if split.tail_input.kind == PREFIX_TOKENS:
         progress("exporting the head for the local phase: the rows the tail reads")
         rows = split.tail_input.count
-        local = export_local_tape(split.head, rows, example["image"], prompt, device_dir)
+        local = export_local_tape(head, rows, example["image"], prompt, device_dir)
         graphs.update({name: graph_spec(path, "") for name, path in local.items()})
-    if cfg.head_weights == "fp16":
-        progress("storing the head graphs' weights in float16")
+    rewrite = {"fp16": halve_weights, "int8": quantize_weights}.get(cfg.head_weights)
+    if rewrite is not None:
+        progress(f"storing the head graphs' weights in {cfg.head_weights}")
         for name in (n for n in HEAD_GRAPHS if n in graphs):
-            halve_weights(device_dir / graphs[name].onnx)
+            rewrite(device_dir / graphs[name].onnx)
             graphs[name] = graph_spec(device_dir / graphs[name].onnx, graphs[name].torchscript)
 
     save_file({k: v.contiguous() for k, v in weights.items()}, str(device_dir / WEIGHTS_FILE))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sfprompt.cloud_server.rounds import RoundConfig
-from sfprompt.export.config import parse_model_args
+from sfprompt.export.config import HEAD_WEIGHTS, parse_model_args
 from sfprompt.options import opt
 from sfprompt.protocol.messages import PRUNE_MODES
 
@@ -141,6 +141,14 @@ class SimConfig:
     prompts: int = field(default=10, metadata=opt("Learnable prompt tokens."))
     head_blocks: int = field(default=1, metadata=opt("Blocks on the device before the body."))
     tail_blocks: int = field(default=0, metadata=opt("Blocks on the device after the body."))
+    head_weights: str = field(
+        default="fp32",
+        metadata=opt(
+            "How the devices' head graphs hold the frozen head weights (sfprompt-export's "
+            "--head-weights): int8 runs the head's products in int8, fp16 halves the weights.",
+            choices=HEAD_WEIGHTS,
+        ),
+    )
     # The round settings default as `sfprompt-cloud serve`'s (RoundConfig), which runs them.
     keep_ratio: float = field(
         default=RoundConfig.keep_ratio,

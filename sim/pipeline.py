@@ -275,6 +275,7 @@ def export_bundles(
             prompts=prompts,
             head_blocks=cfg.head_blocks,
             tail_blocks=cfg.tail_blocks,
+            head_weights=cfg.head_weights,
             batch=cfg.batch_size,
             seed=cfg.seed,
             out=out / "bundles" / name,
