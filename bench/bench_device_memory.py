@@ -3,7 +3,9 @@
     fast  the defaults: fp32 head weights, the head forward's tape kept for its backward, one
           shared memory arena, micro-batch 4 (and the same with `--head-weights fp16`)
     lean  `--head-weights fp16` at export, `sfprompt-edge start --lean --micro-batch 2`: the
-          backward recomputes the forward, plain malloc; the least memory
+          backward recomputes the forward, plain malloc
+    int8  `--head-weights int8` at export, the tape kept, micro-batch 2 (and 1): the fastest
+          and the least memory, at an accuracy cost (docs/edge.md)
 
 Each cell is one fresh process running steps of both phases (`memory_budget.measure_step`,
 the measurement `--memory-budget` makes: a local step, whose head computes only what the tail
@@ -43,6 +45,8 @@ SETTINGS = {
     "fast-fp16": Setting("fp16", lean=False, micro_batch=4),
     "lean": Setting("fp16", lean=True, micro_batch=2),
     "lean-mb1": Setting("fp16", lean=True, micro_batch=1),
+    "int8": Setting("int8", lean=False, micro_batch=2),
+    "int8-mb1": Setting("int8", lean=False, micro_batch=1),
 }
 MODELS = "vit_tiny_patch16_224,vit_small_patch16_224,vit_base_patch16_224,vit_large_patch16_224"
 

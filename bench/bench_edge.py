@@ -12,7 +12,8 @@ process under 256 MB.
 The bundle is exported once into a cache folder and reused while its checksums hold.
 
     python bench/bench_edge.py [--model vit_base_patch16_224] [--batch 8] [--steps 6]
-                               [--micro-batch 4] [--threads N] [--out results.json]
+                               [--micro-batch 4] [--threads N] [--head-weights int8]
+                               [--out results.json]
 """
 
 from __future__ import annotations
@@ -78,10 +79,14 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--cache", type=Path, default=default_cache())
+    parser.add_argument(
+        "--head-weights", choices=("fp32", "fp16", "int8"), default="fp32",
+        help="the export's --head-weights (the TorchScript twins stay fp32)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args()
     console = Console()
-    bundle, export_s = cached_bundle(args.model, args.cache, console)
+    bundle, export_s = cached_bundle(args.model, args.cache, console, args.head_weights)
 
     runs: dict[str, list[StepMeasurement]] = {kind: [] for kind in RUNTIMES}
     for kind in (*RUNTIMES, *RUNTIMES):  # interleaved, so drift in the machine hits both
@@ -94,7 +99,7 @@ def main() -> None:
 
     title = (
         f"{args.model}, K=1 M=0 P=10, B={args.batch}, micro-batch {args.micro_batch}, "
-        f"{args.threads} threads"
+        f"{args.threads} threads, head weights {args.head_weights}"
     )
     table = Table(title=title)
     for column in ("figure", "onnx", "torchscript", "torchscript / onnx"):

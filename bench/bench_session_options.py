@@ -36,6 +36,7 @@ VARIANTS: dict[str, dict] = {
     "weights not pre-packed": {"prepacking": False},
     "whole batch (no micro-batches)": {"micro_batch": None},
     "memory patterns": {"mem_pattern": True},
+    "workers spin after each call (onnxruntime's default)": {"spinning": True},
     "basic graph optimisation": {"opt_level": "basic"},
 }
 

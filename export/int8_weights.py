@@ -81,14 +81,11 @@ def weight_products(graph: onnx.GraphProto, min_elements: int = MIN_ELEMENTS) ->
         and len(i.dims) == 2
         and int(np.prod(i.dims)) >= min_elements
     }
-    names = [
+    return [
         n.name
         for n in graph.node
         if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in weights
     ]
-    if len(set(names)) != len(names) or "" in names:
-        raise ValueError(f"{graph.name}: MatMul nodes need unique names to be quantized")
-    return names
 
 
 def fold_weight_transposes(graph: onnx.GraphProto) -> int:

@@ -115,3 +115,23 @@ def test_a_tape_is_taken_only_by_its_own_vjp_and_the_phases_never_share_memory(
         runtime.head_vjp(tape, np.ones_like(h))
     runtime.tail_input_vjp(tape, np.ones_like(t))
     assert {n for n in runtime._sessions if n.startswith("head_")} == {LOCAL_GRAPHS[1]}
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_sessions_stop_their_workers_spinning_after_each_call(lean: bool) -> None:
+    """A device alternates sessions; an idle session's spinning workers took the cores from
+    the running one (the split step ran 1.5-2x slower on 2 cores: docs/edge.md)."""
+    from sfprompt.edge_client.onnx_runtime import session_options
+
+    options = session_options(2, arena=not lean)
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+
+
+def test_the_stand_in_grad_h_is_drawn_once_per_shape() -> None:
+    """The benchmark's stand-in for the server's reply must not charge its drawing to the
+    device, as eager's baseline draws it once."""
+    from sfprompt.edge_client.memory_budget import dense_grad_h
+
+    first, again = dense_grad_h((2, 5, 4)), dense_grad_h((2, 5, 4))
+    assert first is again and not first.flags.writeable
+    assert dense_grad_h((1, 5, 4)).shape == (1, 5, 4)
