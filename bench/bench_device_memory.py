@@ -1,7 +1,8 @@
 """The device's peak RSS and step time by model and batch, fast and lean (issue 13's table).
 
     fast  the defaults: fp32 head weights, the head forward's tape kept for its backward, one
-          shared memory arena, micro-batch 4 (and the same with `--head-weights fp16`)
+          shared memory arena, micro-batch 4 (and the same with `--head-weights fp16`, or at
+          micro-batch 1)
     lean  `--head-weights fp16` at export, `sfprompt-edge start --lean --micro-batch 2`: the
           backward recomputes the forward, plain malloc
     int8  `--head-weights int8` at export, the tape kept, micro-batch 2 (and 1): the fastest
@@ -43,6 +44,7 @@ class Setting:
 SETTINGS = {
     "fast": Setting("fp32", lean=False, micro_batch=4),
     "fast-fp16": Setting("fp16", lean=False, micro_batch=4),
+    "fast-mb1": Setting("fp32", lean=False, micro_batch=1),
     "lean": Setting("fp16", lean=True, micro_batch=2),
     "lean-mb1": Setting("fp16", lean=True, micro_batch=1),
     "int8": Setting("int8", lean=False, micro_batch=2),
