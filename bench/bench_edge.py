@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sfprompt.edge_client.memory_budget import StepMeasurement, measure_step
+from sfprompt.export.config import HEAD_WEIGHTS  # no torch: the exporter's options alone
 from sfprompt.protocol.bundle import BundleError, load_manifest
 
 RUNTIMES = ("onnx", "torchscript")
@@ -80,7 +81,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--cache", type=Path, default=default_cache())
     parser.add_argument(
-        "--head-weights", choices=("fp32", "fp16", "int8"), default="fp32",
+        "--head-weights", choices=HEAD_WEIGHTS, default="fp32",
         help="the export's --head-weights (the TorchScript twins stay fp32)",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, help="also write the figures here as JSON")

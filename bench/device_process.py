@@ -73,7 +73,8 @@ def apply_variant(rt: object, variant: dict, threads: int) -> None:
             "session.disable_prepacking", str(int(not variant["prepacking"]))
         )
     if "spinning" in variant:  # True: workers keep spinning after a call (onnxruntime's default)
-        opts.add_session_config_entry("session.force_spinning_stop", str(int(not variant["spinning"])))
+        stop = str(int(not variant["spinning"]))
+        opts.add_session_config_entry("session.force_spinning_stop", stop)
     if "mem_pattern" in variant:
         opts.enable_mem_pattern = bool(variant["mem_pattern"])
     if "mmap_threshold" in variant:  # glibc: blocks over it are mmapped and unmapped on free

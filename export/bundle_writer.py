@@ -38,9 +38,9 @@ from . import device_graphs as dg
 from .config import ExportConfig
 from .cut_manifest import base_manifest, preprocess_config
 from .half_weights import halve_weights
-from .int8_weights import quantize_weights
 from .head_rows import export_local_tape
 from .head_tape import export_head_tape
+from .int8_weights import quantize_weights
 from .model_loading import create_vit
 from .onnx_export import export_onnx
 from .patch_product import patches_as_product

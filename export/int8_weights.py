@@ -6,8 +6,8 @@ standard ONNX: `DynamicQuantizeLinear` (the activation, per call, one uint8 scal
 per tensor) -> `MatMulInteger` (int32 sums against the weight, int8 with one scale per output
 column) -> `Cast` and `Mul` back to float32. At load time onnxruntime fuses the three into one
 kernel with the weight pre-packed (x86: VNNI / AMX; aarch64: the sdot / udot of Cortex-A76 and
-later). Products of two activations (attention scores) and the patch-embedding convolution stay
-float32.
+later). Products of two activations (attention scores) stay float32; the patch embedding is a
+product too in the device's graphs (patch_product.py), so it is quantized with the others.
 
 Unlike fp16 weights (half_weights.py) this changes the arithmetic, not just the weights: each
 product rounds its activation to 8 bits too, so h moves by about 1% and the prompt's gradient by
@@ -92,11 +92,12 @@ def fold_weight_transposes(graph: onnx.GraphProto) -> int:
     """Replace each `Transpose` of a matrix weight by the transposed weight, so that the product
     reading it multiplies by a weight the quantizer sees (backward graphs multiply by W^T)."""
     weights = {i.name: i for i in graph.initializer if len(i.dims) == 2}
-    folded = [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights]
+    folded = [
+        n
+        for n in graph.node
+        if n.op_type == "Transpose" and n.input[0] in weights and _perm(n) == [1, 0]
+    ]
     for node in folded:
-        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
-        if perm != [1, 0]:
-            continue
         array = numpy_helper.to_array(weights[node.input[0]]).T.copy()
         graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
         graph.node.remove(node)
@@ -105,3 +106,7 @@ def fold_weight_transposes(graph: onnx.GraphProto) -> int:
     for init in unused:
         graph.initializer.remove(init)
     return len(folded)
+
+
+def _perm(node: onnx.NodeProto) -> list[int]:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])

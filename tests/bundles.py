@@ -7,6 +7,9 @@ the shared bundle into its own `tmp_path` first.
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +67,36 @@ def export_case(name: str, root: Path) -> Exported:
     split = SplitViT.cut_model(vit, cfg.cut)
     result = write_bundles(split, cfg, progress=lambda _: None)
     return Exported(result, split, cfg.batch)
+
+
+def with_head_weights(
+    device_dir: Path, out: Path, rewrite: Callable[[Path], int], kind: str
+) -> Path:
+    """A copy of `device_dir` at `out` whose head graphs `rewrite` (as `--head-weights kind`
+    does), its manifest saying so; each graph must be rewritten."""
+    from sfprompt.export.bundle_writer import HEAD_GRAPHS
+    from sfprompt.protocol.bundle import HEAD_WEIGHTS_EXTRA, load_manifest, write_manifest
+
+    shutil.copytree(device_dir, out)
+    for name in HEAD_GRAPHS:
+        assert rewrite(out / f"{name}.onnx") > 0, name
+    manifest = load_manifest(out, verify=False)  # the rewritten files change their sha256
+    write_manifest(out, dataclasses.replace(manifest, extra={HEAD_WEIGHTS_EXTRA: kind}))
+    return out
+
+
+def export_small_with_head_weights(out: Path, head_weights: str) -> ExportResult:
+    """A 3-class, 2-prompt SMALL_VIT bundle written with `--head-weights head_weights`."""
+    cfg = ExportConfig(
+        model="vit_tiny_patch16_224",
+        num_classes=3,
+        model_args=dict(SMALL_VIT),
+        prompts=2,
+        head_weights=head_weights,
+        out=out,
+    )
+    vit = create_vit(cfg.model, 3, model_args=cfg.model_args)
+    return write_bundles(SplitViT.cut_model(vit, cfg.cut), cfg, progress=lambda _: None)
 
 
 class ExportedCases:

@@ -4,8 +4,6 @@ runtime that keeps them fp16 in memory (onnxruntime would otherwise fold the cas
 from __future__ import annotations
 
 import copy
-import dataclasses
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +15,8 @@ from sfprompt.edge_client.onnx_runtime import OnnxDeviceRuntime, open_session, s
 from sfprompt.export.bundle_writer import HEAD_GRAPHS
 from sfprompt.export.half_weights import MIN_ELEMENTS, halve_weights
 from sfprompt.export.split_vit import PROMPT_KEY
-from sfprompt.protocol.bundle import HEAD_WEIGHTS_EXTRA, load_manifest, write_manifest
-from tests.bundles import Exported
+from sfprompt.protocol.bundle import HEAD_WEIGHTS_EXTRA
+from tests.bundles import Exported, with_head_weights
 
 ROUNDING_RTOL = 1e-2  # the stated tolerance against the fp32 model
 
@@ -28,12 +26,7 @@ def half_bundle(exported_cases, tmp_path_factory) -> tuple[Exported, Path]:
     """The token_m0 bundle with its head graphs' weights halved, as `--head-weights fp16` does."""
     exported = exported_cases["token_m0"]
     out = tmp_path_factory.mktemp("half") / "device"
-    shutil.copytree(exported.result.device_dir, out)
-    for name in HEAD_GRAPHS:
-        assert halve_weights(out / f"{name}.onnx") > 0
-    manifest = load_manifest(out, verify=False)  # the halved files change their sha256
-    write_manifest(out, dataclasses.replace(manifest, extra={HEAD_WEIGHTS_EXTRA: "fp16"}))
-    return exported, out
+    return exported, with_head_weights(exported.result.device_dir, out, halve_weights, "fp16")
 
 
 def rounded_head(exported: Exported) -> torch.nn.Module:
@@ -115,22 +108,9 @@ def test_gradients_equal_autograd_through_the_rounded_head(half_bundle) -> None:
 
 @pytest.mark.slow
 def test_export_with_fp16_head_weights_writes_a_bundle_the_runtime_opens(tmp_path) -> None:
-    from sfprompt.export.bundle_writer import write_bundles
-    from sfprompt.export.config import ExportConfig
-    from sfprompt.export.model_loading import create_vit
-    from sfprompt.export.split_vit import SplitViT
-    from tests.bundles import SMALL_VIT
+    from tests.bundles import export_small_with_head_weights
 
-    cfg = ExportConfig(
-        model="vit_tiny_patch16_224",
-        num_classes=3,
-        model_args=dict(SMALL_VIT),
-        prompts=2,
-        head_weights="fp16",
-        out=tmp_path / "b",
-    )
-    vit = create_vit(cfg.model, 3, model_args=cfg.model_args)
-    result = write_bundles(SplitViT.cut_model(vit, cfg.cut), cfg, progress=lambda _: None)
+    result = export_small_with_head_weights(tmp_path / "b", "fp16")
     assert result.device.extra[HEAD_WEIGHTS_EXTRA] == "fp16"
     for name in HEAD_GRAPHS:
         model = onnx.load(str(result.device_dir / result.device.graphs[name].onnx))

@@ -3,8 +3,6 @@ the runtime, and h and the prompt's gradient within the stated tolerance of the 
 
 from __future__ import annotations
 
-import dataclasses
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +18,8 @@ from sfprompt.export.int8_weights import (
     weight_products,
 )
 from sfprompt.export.split_vit import PROMPT_KEY
-from sfprompt.protocol.bundle import HEAD_WEIGHTS_EXTRA, load_manifest, write_manifest
-from tests.bundles import Exported
+from sfprompt.protocol.bundle import HEAD_WEIGHTS_EXTRA, load_manifest
+from tests.bundles import Exported, with_head_weights
 
 # The stated tolerance against the fp32 head, relative to the largest entry: each product
 # rounds its activation to 8 bits (measured at this cut: h ~1%, gradient ~2-3%).
@@ -35,12 +33,7 @@ def int8_bundle(exported_cases, tmp_path_factory) -> tuple[Exported, Path]:
     """The token_m0 bundle with its head graphs' weights in int8, as `--head-weights int8`."""
     exported = exported_cases["token_m0"]
     out = tmp_path_factory.mktemp("int8") / "device"
-    shutil.copytree(exported.result.device_dir, out)
-    for name in HEAD_GRAPHS:
-        assert quantize_weights(out / f"{name}.onnx") > 0, name
-    manifest = load_manifest(out, verify=False)  # the rewritten files change their sha256
-    write_manifest(out, dataclasses.replace(manifest, extra={HEAD_WEIGHTS_EXTRA: "int8"}))
-    return exported, out
+    return exported, with_head_weights(exported.result.device_dir, out, quantize_weights, "int8")
 
 
 def test_every_weight_product_is_int8_and_the_graph_standard_onnx(int8_bundle) -> None:
@@ -104,8 +97,9 @@ def test_h_and_gradient_stay_within_the_stated_tolerance_of_the_fp32_head(int8_b
 def test_a_graph_without_weight_products_is_left_alone(tmp_path) -> None:
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 2])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 2])
-    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "x"], ["y"], "m")],
-                                   "g", [x], [y])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "x"], ["y"], "m")], "g", [x], [y]
+    )
     path = tmp_path / "g.onnx"
     onnx.save_model(onnx.helper.make_model(graph), str(path))
     before = path.read_bytes()
@@ -115,22 +109,9 @@ def test_a_graph_without_weight_products_is_left_alone(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_export_with_int8_head_weights_writes_a_bundle_the_runtime_opens(tmp_path) -> None:
-    from sfprompt.export.bundle_writer import write_bundles
-    from sfprompt.export.config import ExportConfig
-    from sfprompt.export.model_loading import create_vit
-    from sfprompt.export.split_vit import SplitViT
-    from tests.bundles import SMALL_VIT
+    from tests.bundles import export_small_with_head_weights
 
-    cfg = ExportConfig(
-        model="vit_tiny_patch16_224",
-        num_classes=3,
-        model_args=dict(SMALL_VIT),
-        prompts=2,
-        head_weights="int8",
-        out=tmp_path / "b",
-    )
-    vit = create_vit(cfg.model, 3, model_args=cfg.model_args)
-    result = write_bundles(SplitViT.cut_model(vit, cfg.cut), cfg, progress=lambda _: None)
+    result = export_small_with_head_weights(tmp_path / "b", "int8")
     assert result.device.extra[HEAD_WEIGHTS_EXTRA] == "int8"
     load_manifest(result.device_dir, role="device")  # the checksums are those of the rewrite
     for name in HEAD_GRAPHS:

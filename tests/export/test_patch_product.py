@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from sfprompt.export.patch_product import PatchProduct, patches_as_product
-from tests.export.test_head_tape import small_head
+from tests.export.test_head_tape import assert_same_h_and_prompt_gradient, small_head
 
 
 def test_the_product_gives_the_convolutions_values_and_prompt_gradient() -> None:
@@ -14,14 +14,7 @@ def test_the_product_gives_the_convolutions_values_and_prompt_gradient() -> None
     product = patches_as_product(head)
     assert isinstance(product.patch_embed, PatchProduct)
     assert not isinstance(head.patch_embed, PatchProduct), "the original must stay as it was"
-    image = torch.randn(2, 3, 32, 32)
-    prompt = torch.randn(3, 192, requires_grad=True)
-    want, got = head(image, prompt), product(image, prompt)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    grad_h = torch.randn_like(want)
-    (g_want,) = torch.autograd.grad(want, prompt, grad_h)
-    (g_got,) = torch.autograd.grad(got, prompt, grad_h)
-    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-5)
+    assert_same_h_and_prompt_gradient(head, product)
 
 
 def test_patches_are_cut_in_the_convolutions_order() -> None:
