@@ -101,7 +101,7 @@ class TailInput:
 
 TAPE_GRAPHS = ("head_tape_forward", "head_tape_backward")  # h's training pass; since v0.13
 LOCAL_GRAPHS = ("head_local_forward", "head_local_backward")  # t's only (export/head_rows.py)
-HEAD_WEIGHTS_EXTRA = "head_weights"  # Manifest.extra key: how head graphs store weights (fp32/fp16/int8)
+HEAD_WEIGHTS_EXTRA = "head_weights"  # Manifest.extra key: fp32, fp16 or int8 head weights
 
 
 @dataclass(frozen=True)
